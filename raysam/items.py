@@ -64,6 +64,8 @@ class ParsedItem:
         processing_baseline: ``s2:processing_baseline`` (``05.10``), if given.
         relative_orbit: ``sat:relative_orbit``, if given.
         bands: canonical band id -> asset.
+        processed_utc: when the product was generated (``s2:generation_time``), if given;
+            breaks ties between reprocessed duplicates.
     """
 
     id: str
@@ -72,8 +74,9 @@ class ParsedItem:
     tile_id: str
     epsg: int
     bbox_wgs84: tuple[float, float, float, float]
-    footprint_wkb: bytes
+    footprint_wkb: bytes = field(repr=False)
     cloud_cover: float | None = None
     processing_baseline: str | None = None
     relative_orbit: int | None = None
     bands: dict[str, BandAsset] = field(default_factory=dict)
+    processed_utc: datetime | None = None

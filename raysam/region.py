@@ -1,0 +1,365 @@
+"""Regions of interest: an AOI geometry in EPSG:4326 plus a UTC time range.
+
+A :class:`RegionSpec` is what a user writes (``conf/region/*.yaml``); :func:`load_region`
+validates it and resolves the geometry into a shapely (Multi)Polygon in lon/lat. Geometry can
+be given as a bbox (``"minx,miny,maxx,maxy"`` or a list of four numbers, lon/lat), a WKT string
+(lon/lat), or a path to a GeoJSON, GeoParquet or other OGR-readable file (reprojected to
+EPSG:4326). ``pkg://raysam/data/iowa.geojson`` names a file shipped inside an installed package,
+so configs work from any working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyproj
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, shape
+
+from raysam.errors import ConfigError, DataError
+
+PKG_SCHEME = "pkg://"
+WGS84 = "EPSG:4326"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_WKT_RE = re.compile(r"^\s*(MULTI)?POLYGON\b", re.IGNORECASE)
+_GEOJSON_SUFFIXES = (".geojson", ".json")
+_PARQUET_SUFFIXES = (".parquet", ".geoparquet")
+# RFC 7946: a GeoJSON without a "crs" member is lon/lat WGS84; these names all mean that.
+_WGS84_NAMES = {"EPSG:4326", "OGC:CRS84", "OGC:1.3:CRS84", "URN:OGC:DEF:CRS:OGC:1.3:CRS84",
+                "URN:OGC:DEF:CRS:EPSG::4326"}
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """A region as configured.
+
+    Attributes:
+        name: a safe path component (letters, digits, ``-``, ``_``, ``.``); names outputs.
+        geometry: bbox string ``"minx,miny,maxx,maxy"`` or list of 4 floats (lon/lat), a WKT
+            (Multi)Polygon (lon/lat), or a path (``pkg://package/rel/path`` allowed) to a
+            GeoJSON / GeoParquet / OGR-readable file.
+        time_range: (start, end) ISO dates or datetimes; a date-only end includes its whole day.
+        max_cloud_cover: keep items with ``eo:cloud_cover`` <= this (percent 0-100); None = all.
+        min_tile_cover: fraction (0, 1] of the AOI that a date's tiles must cover together
+            for the date to be used (FarmVibes' ``min_tile_cover``).
+        max_tiles_per_date: at most this many tiles per date (None = no limit).
+        utm_epsg: force the target grid's CRS (a projected CRS in metres); None = the UTM
+            zone of the AOI centroid.
+    """
+
+    name: str
+    geometry: str | list[float] | tuple[float, ...]
+    time_range: tuple[Any, Any]
+    max_cloud_cover: float | None = None
+    min_tile_cover: float = 0.95
+    max_tiles_per_date: int | None = None
+    utm_epsg: int | None = None
+
+
+@dataclass(frozen=True)
+class Region:
+    """A validated region.
+
+    Attributes:
+        name: safe path component.
+        aoi_wgs84: valid, non-empty Polygon or MultiPolygon in EPSG:4326 (x = lon, y = lat).
+        start_utc: first instant (timezone-aware UTC).
+        end_utc: last instant, inclusive (a date-only end becomes 23:59:59.999999 that day).
+        max_cloud_cover, min_tile_cover, max_tiles_per_date, utm_epsg: as in RegionSpec.
+    """
+
+    name: str
+    aoi_wgs84: Polygon | MultiPolygon
+    start_utc: datetime
+    end_utc: datetime
+    max_cloud_cover: float | None = None
+    min_tile_cover: float = 0.95
+    max_tiles_per_date: int | None = None
+    utm_epsg: int | None = None
+
+    @property
+    def stac_datetime(self) -> str:
+        """The time range as a STAC API ``datetime`` interval (``start/end``, RFC 3339 Z)."""
+        fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+        return f"{self.start_utc.strftime(fmt)}/{self.end_utc.strftime(fmt)}"
+
+
+def load_region(spec: RegionSpec) -> Region:
+    """Validate a region spec and resolve its geometry and time range.
+
+    Args:
+        spec: the configured region.
+
+    Returns:
+        The region with its AOI in EPSG:4326 and its time range in UTC.
+
+    Raises:
+        ConfigError: bad name, time range, bbox, WKT or parameter values.
+        DataError: a geometry file that is missing, unreadable, has no CRS or bad geometry.
+    """
+    name = validate_name(spec.name)
+    start_utc, end_utc = parse_time_range(spec.time_range, name)
+    _validate_limits(spec)
+    aoi = validate_aoi(resolve_geometry(spec.geometry, name), name)
+    return Region(name, aoi, start_utc, end_utc, spec.max_cloud_cover, spec.min_tile_cover,
+                  spec.max_tiles_per_date, spec.utm_epsg)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a safe path component, else raise ConfigError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name or name == ".":
+        raise ConfigError(f"region name {name!r} is not a safe path component; use only "
+                          "letters, digits, '-', '_' and '.' (no '..', no slashes)")
+    return name
+
+
+def parse_time_range(time_range: Any, name: str = "region") -> tuple[datetime, datetime]:
+    """Parse ``(start, end)`` into UTC datetimes; a date-only end includes its whole day."""
+    if not isinstance(time_range, (list, tuple)) or len(time_range) != 2:
+        raise ConfigError(f"region {name}: time_range must be [start, end] ISO dates, "
+                          f"got {time_range!r}; e.g. ['2024-06-01', '2024-08-31']")
+    start = _parse_instant(time_range[0], name, end_of_day=False)
+    end = _parse_instant(time_range[1], name, end_of_day=True)
+    if end < start:
+        raise ConfigError(f"region {name}: time_range end {time_range[1]} is before start "
+                          f"{time_range[0]}; swap them")
+    return start, end
+
+
+def _parse_instant(value: Any, name: str, end_of_day: bool) -> datetime:
+    """Parse one ISO date/datetime (str, date or datetime) into an aware UTC datetime."""
+    if isinstance(value, datetime):
+        parsed: datetime | date = value
+    elif isinstance(value, date):
+        parsed = value
+    else:
+        text = str(value).strip()
+        try:
+            parsed = (date.fromisoformat(text) if len(text) == 10
+                      else datetime.fromisoformat(text.replace("Z", "+00:00")))
+        except ValueError:
+            raise ConfigError(f"region {name}: cannot parse date {value!r}; use ISO 8601 "
+                              "like 2024-06-01 or 2024-06-01T00:00:00Z") from None
+    if not isinstance(parsed, datetime):
+        day_start = datetime.combine(parsed, time(0), tzinfo=UTC)
+        return day_start + timedelta(days=1, microseconds=-1) if end_of_day else day_start
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _validate_limits(spec: RegionSpec) -> None:
+    """Check the numeric selection parameters of a spec."""
+    cc = spec.max_cloud_cover
+    if cc is not None and not 0 <= float(cc) <= 100:
+        raise ConfigError(f"region {spec.name}: max_cloud_cover {cc} is not a percentage; "
+                          "use 0-100 or null")
+    if not 0 < float(spec.min_tile_cover) <= 1:
+        raise ConfigError(f"region {spec.name}: min_tile_cover {spec.min_tile_cover} must be "
+                          "in (0, 1]")
+    mt = spec.max_tiles_per_date
+    if mt is not None and (int(mt) != mt or mt < 1):
+        raise ConfigError(f"region {spec.name}: max_tiles_per_date {mt} must be a positive "
+                          "integer or null")
+    if spec.utm_epsg is not None:
+        _check_metric_crs(spec.utm_epsg, spec.name)
+
+
+def _check_metric_crs(epsg: int, name: str) -> None:
+    """Raise ConfigError unless ``epsg`` is a projected CRS in metres."""
+    try:
+        crs = pyproj.CRS.from_epsg(int(epsg))
+    except (pyproj.exceptions.CRSError, ValueError, TypeError):
+        raise ConfigError(f"region {name}: utm_epsg {epsg!r} is not a known EPSG code; use "
+                          "e.g. 32615 (UTM 15N) or null") from None
+    units = {axis.unit_name for axis in crs.axis_info}
+    if not crs.is_projected or units != {"metre"}:
+        raise ConfigError(f"region {name}: utm_epsg {epsg} is not a projected CRS in metres; "
+                          "use a UTM code like 32615 or null")
+
+
+def resolve_geometry(geometry: Any, name: str = "region") -> shapely.Geometry:
+    """Turn a bbox, WKT or file reference into a shapely geometry in EPSG:4326."""
+    if isinstance(geometry, (list, tuple)):
+        return bbox_polygon(geometry, name)
+    if not isinstance(geometry, str) or not geometry.strip():
+        raise ConfigError(f"region {name}: geometry must be a bbox, WKT or file path, got "
+                          f"{geometry!r}")
+    text = geometry.strip()
+    if _looks_like_bbox(text):
+        return bbox_polygon(text.split(","), name)
+    if _WKT_RE.match(text):
+        try:
+            return shapely.from_wkt(text)
+        except shapely.errors.GEOSException as err:
+            raise ConfigError(f"region {name}: cannot parse WKT geometry ({err}); give a "
+                              "lon/lat POLYGON or MULTIPOLYGON") from None
+    return read_geometry_file(resolve_path(text), name)
+
+
+def _looks_like_bbox(text: str) -> bool:
+    """True for ``"a,b,c,d"`` with four numbers."""
+    parts = text.split(",")
+    if len(parts) != 4:
+        return False
+    try:
+        [float(p) for p in parts]
+    except ValueError:
+        return False
+    return True
+
+
+def bbox_polygon(values: Any, name: str = "region") -> Polygon:
+    """Build a lon/lat box from ``(minx, miny, maxx, maxy)``, checking order and range."""
+    try:
+        minx, miny, maxx, maxy = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"region {name}: bbox must be 4 numbers minx,miny,maxx,maxy "
+                          f"(lon/lat), got {values!r}") from None
+    if not (-180 <= minx <= 180 and -180 <= maxx <= 180 and -90 <= miny <= 90
+            and -90 <= maxy <= 90):
+        raise ConfigError(f"region {name}: bbox {values!r} is outside lon -180..180 / lat "
+                          "-90..90; give minx,miny,maxx,maxy in degrees")
+    if not (minx < maxx and miny < maxy):
+        raise ConfigError(f"region {name}: bbox {values!r} is empty or reversed; give "
+                          "minx,miny,maxx,maxy with min < max")
+    return shapely.box(minx, miny, maxx, maxy)
+
+
+def resolve_path(ref: str) -> Path:
+    """Resolve ``pkg://package/rel/path`` to a file inside an installed package, else a Path."""
+    if not ref.startswith(PKG_SCHEME):
+        return Path(ref).expanduser()
+    package, _, rel = ref[len(PKG_SCHEME):].partition("/")
+    try:
+        return Path(str(resources.files(package).joinpath(rel)))
+    except (ModuleNotFoundError, TypeError):
+        raise DataError(f"cannot resolve {ref}: package {package!r} is not importable; "
+                        "install it or use a plain file path") from None
+
+
+def read_geometry_file(path: Path, name: str = "region") -> shapely.Geometry:
+    """Read all geometries of a vector file, union them and reproject them to EPSG:4326."""
+    if not path.is_file():
+        raise DataError(f"region {name}: geometry file {path} does not exist; check the path "
+                        "(pkg://raysam/data/... for packaged files)")
+    suffix = path.suffix.lower()
+    if suffix in _GEOJSON_SUFFIXES:
+        geoms, crs = _read_geojson(path, name)
+    elif suffix in _PARQUET_SUFFIXES:
+        geoms, crs = _read_geoparquet(path, name)
+    else:
+        geoms, crs = _read_ogr(path, name)
+    if not geoms:
+        raise DataError(f"region {name}: {path} holds no geometry; give a file with at least "
+                        "one polygon")
+    return to_wgs84(shapely.union_all(geoms), crs)
+
+
+def _read_geojson(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS]:
+    """Geometries and CRS of a GeoJSON (RFC 7946 lon/lat unless a legacy ``crs`` member)."""
+    try:
+        doc = json.loads(path.read_text())
+        feats = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]
+        geoms = [shape(f["geometry"] if f.get("type") == "Feature" else f)
+                 for f in feats if (f.get("geometry") if f.get("type") == "Feature" else f)]
+    except (ValueError, KeyError, TypeError, AttributeError, shapely.errors.GEOSException) as err:
+        raise DataError(f"region {name}: {path} is not valid GeoJSON ({err}); fix or "
+                        "re-export the file") from None
+    crs_name = ((doc.get("crs") or {}).get("properties") or {}).get("name")
+    if crs_name is None or crs_name.upper() in _WGS84_NAMES:
+        return geoms, pyproj.CRS.from_user_input("OGC:CRS84")
+    return geoms, _parse_crs(crs_name, path, name)
+
+
+def _read_geoparquet(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS]:
+    """Geometries and CRS of a GeoParquet file's primary geometry column.
+
+    Per GeoParquet 1.x, a column whose metadata lacks ``crs`` is OGC:CRS84; ``crs: null``
+    means an unknown CRS, which is refused, as is a Parquet file without ``geo`` metadata.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        geo = json.loads(meta[b"geo"]) if b"geo" in meta else None
+        if geo is None:
+            raise DataError(f"region {name}: {path} has no GeoParquet 'geo' metadata, so its "
+                            "CRS is unknown; write it with geopandas.to_parquet or GDAL")
+        column = geo["primary_column"]
+        col_meta = geo["columns"][column]
+        wkb = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a corrupt file
+        raise DataError(f"region {name}: cannot read GeoParquet {path} ({err}); fix or "
+                        "re-export the file") from None
+    if "crs" in col_meta and col_meta["crs"] is None:
+        raise DataError(f"region {name}: {path} declares no CRS (crs: null); set one, e.g. "
+                        "gdf.set_crs(4326).to_parquet(...)")
+    crs_json = col_meta.get("crs", "OGC:CRS84")
+    crs = _parse_crs(json.dumps(crs_json) if isinstance(crs_json, dict) else crs_json, path, name)
+    return [shapely.from_wkb(b) for b in wkb if b is not None], crs
+
+
+def _read_ogr(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS]:
+    """Geometries and CRS of any OGR-readable file (shapefile, GeoPackage...) via pyogrio."""
+    try:
+        from pyogrio.raw import read as ogr_read
+    except ImportError:
+        raise DataError(f"region {name}: reading {path.suffix} files needs pyogrio; pip install "
+                        "pyogrio, or convert the file to GeoJSON") from None
+    try:
+        meta, _, wkb, _ = ogr_read(path, read_geometry=True, columns=[])
+    except Exception as err:  # noqa: BLE001 - GDAL errors come in many types
+        raise DataError(f"region {name}: cannot read {path} ({err}); check the file") from None
+    if not meta.get("crs"):
+        raise DataError(f"region {name}: {path} has no CRS (.prj missing?); define one, e.g. "
+                        "ogr2ogr -a_srs EPSG:4326")
+    return [shapely.from_wkb(b) for b in wkb if b is not None], _parse_crs(meta["crs"], path, name)
+
+
+def _parse_crs(value: str, path: Path, name: str) -> pyproj.CRS:
+    """Parse a CRS string from a file, naming the file on failure."""
+    try:
+        return pyproj.CRS.from_user_input(value)
+    except pyproj.exceptions.CRSError:
+        raise DataError(f"region {name}: {path} has an unrecognised CRS {value!r}; re-export "
+                        "it in EPSG:4326") from None
+
+
+def to_wgs84(geom: shapely.Geometry, crs: pyproj.CRS) -> shapely.Geometry:
+    """Reproject a geometry from ``crs`` to lon/lat EPSG:4326 (x = lon)."""
+    target = pyproj.CRS.from_user_input("OGC:CRS84")
+    if crs.equals(target) or crs.equals(pyproj.CRS.from_epsg(4326), ignore_axis_order=True):
+        return geom
+    transformer = pyproj.Transformer.from_crs(crs, target, always_xy=True)
+    return shapely.transform(
+        geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+def validate_aoi(geom: shapely.Geometry, name: str = "region") -> Polygon | MultiPolygon:
+    """Check an AOI is a valid, non-empty (Multi)Polygon within lon/lat range."""
+    if geom is None or geom.is_empty:
+        raise DataError(f"region {name}: the AOI geometry is empty; give a polygon with area")
+    if geom.geom_type == "GeometryCollection":
+        geom = shapely.union_all([g for g in geom.geoms if g.geom_type.endswith("Polygon")])
+    if geom.geom_type not in ("Polygon", "MultiPolygon"):
+        raise ConfigError(f"region {name}: the AOI is a {geom.geom_type}, not a polygon; give "
+                          "a Polygon or MultiPolygon (buffer points/lines first)")
+    if not geom.is_valid:
+        raise DataError(f"region {name}: the AOI polygon is invalid "
+                        f"({shapely.is_valid_reason(geom)}); fix the geometry (e.g. remove the "
+                        "self-intersection) and retry")
+    if geom.area == 0:
+        raise DataError(f"region {name}: the AOI polygon has zero area; give a polygon with area")
+    minx, miny, maxx, maxy = geom.bounds
+    if minx < -180 or maxx > 180 or miny < -90 or maxy > 90:
+        raise DataError(f"region {name}: AOI bounds {geom.bounds} exceed lon/lat range; is the "
+                        "file's CRS declared correctly?")
+    return geom
