@@ -223,7 +223,7 @@ def test_point_geometry_is_refused(tmp_path):
 def test_demo_config_matches_the_demo_catalog():
     from raysam.demo.catalog import DEMO_AOI_WGS84, DEMO_TIME_RANGE
 
-    cfg = yaml.safe_load((REPO / "conf/region/demo.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "conf/region/demo.yaml").read_text())["region"]
     region = load_region(RegionSpec(cfg["name"], cfg["geometry"], tuple(cfg["time_range"])))
     assert region.aoi_wgs84.bounds == DEMO_AOI_WGS84
     assert tuple(cfg["time_range"]) == DEMO_TIME_RANGE

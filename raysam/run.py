@@ -1,0 +1,123 @@
+"""The Hydra entrypoint: ``python -m raysam.run region=demo model=demo``.
+
+A thin ``@hydra.main`` that validates the composed config (before Ray starts) and calls the
+plain :func:`run`, which returns the run's metrics. User errors end the process with one line
+on stderr and exit code 2 (``verbose=true`` shows the stack trace).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from raysam.config import PC_KEY_ENV, RunConfig, to_run_config
+from raysam.errors import RaysamError
+
+log = logging.getLogger("raysam")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class RedactSecrets(Callback):
+    """Rewrites Hydra's saved ``.hydra/*.yaml`` and ``multirun.yaml`` without the STAC key.
+
+    Hydra saves the composed config before calling the task; this callback runs right after
+    (``on_job_start``) and replaces the key (from ``stac.pc_key`` or the environment) wherever
+    it appears, including the saved command-line overrides.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        import os
+
+        secrets = [s for s in (config.get("stac", {}).get("pc_key"), os.environ.get(PC_KEY_ENV)) if s]
+        if not secrets:
+            return
+        hc = HydraConfig.get()
+        out = Path(hc.runtime.output_dir)
+        paths = list((out / hc.output_subdir).glob("*.yaml")) if hc.output_subdir else []
+        sweep_yaml = Path(hc.sweep.dir) / "multirun.yaml"
+        paths += [sweep_yaml] if sweep_yaml.exists() else []
+        for path in paths:
+            text = path.read_text()
+            for secret in secrets:
+                text = text.replace(str(secret), "<redacted>")
+            path.write_text(text)
+
+
+SECRET_OVERRIDES = ("stac.pc_key=", "pc_key=", "+stac.pc_key=", "++stac.pc_key=")
+
+
+def hide_secret_overrides(argv: list[str]) -> list[str]:
+    """Move a key given on the command line into the environment before Hydra sees it.
+
+    ``stac.pc_key=KEY`` (or the seed's ``pc_key=KEY``) becomes ``PC_SDK_SUBSCRIPTION_KEY`` in
+    this process's environment, and the override is dropped: the config reads the variable
+    through ``${oc.env:...}``, so neither ``--cfg job``, Hydra's saved ``.hydra/`` files nor
+    ``multirun.yaml`` ever hold the key.
+    """
+    import os
+
+    kept = []
+    for arg in argv:
+        prefix = next((p for p in SECRET_OVERRIDES if arg.startswith(p)), None)
+        if prefix is None:
+            kept.append(arg)
+        elif arg[len(prefix):] not in ("", "null"):
+            os.environ[PC_KEY_ENV] = arg[len(prefix):]
+    return kept
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.getLogger("raysam").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Plan, then (unless ``dry_run``) segment every incomplete date group and write its sinks.
+
+    Returns:
+        Metrics: date groups done/skipped, chips, masks, km², wall time, chips/s.
+    """
+    from raysam.driver import execute, prepare
+
+    t0 = time.perf_counter()
+    prepared = prepare(cfg)
+    if cfg.dry_run:
+        print(prepared.describe())
+        return {"dry_run": True, "groups": len(prepared.plan.groups)}
+    metrics = execute(cfg, prepared)
+    metrics["wall_s"] = time.perf_counter() - t0
+    metrics["chips_per_s"] = metrics["chips_read"] / metrics["wall_s"] if metrics["wall_s"] else 0.0
+    print(
+        f"raysam: {metrics['groups_done']} date group(s) written, {metrics['groups_skipped']} already complete; "
+        f"{metrics['chips_read']} chips ({metrics['chips_skipped']} skipped), {metrics['masks']} masks, "
+        f"{metrics['area_km2']:,.1f} km² in {metrics['wall_s']:.1f} s ({metrics['chips_per_s']:.2f} chips/s)"
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict[str, Any] | None:
+    """Hydra task: validate, then :func:`run`. Exits 2 with one line on a user error."""
+    verbose = bool(cfg.get("verbose", False))
+    _setup_logging(verbose)
+    try:
+        return run(to_run_config(cfg))
+    except RaysamError as err:
+        if verbose:
+            raise
+        print(f"raysam: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = hide_secret_overrides(sys.argv)
+    main()

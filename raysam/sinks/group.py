@@ -1,0 +1,127 @@
+"""All sinks of one date group, streamed: masks.parquet, labels.tif, s2/*.tif, quicklook, manifest.
+
+Merged rows arrive sorted by uid; ids are assigned in that order (1, 2, ...), so the same
+inputs give the same files. Everything is written into a staging directory and published
+atomically with a completion marker (:class:`raysam.sinks.store.OutputRoot`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time as dtime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from affine import Affine
+
+from raysam.records import unpack_crop
+from raysam.sinks.geoparquet import SCHEMA, GeoParquetWriter
+from raysam.sinks.labels import LabelRasterWriter
+from raysam.sinks.quicklook import write_quicklook
+from raysam.sinks.store import OutputRoot
+
+BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+DETERMINATION_METHOD = "auto-imagery"  # fiboa determination:method for automatic delineation
+
+
+@dataclass
+class GroupSinkSpec:
+    """What to write for one date group and where."""
+
+    group: Any  # raysam.grid.DateGroup
+    out_dir: str
+    sinks: tuple[str, ...]
+    s2_bands: tuple[str, ...]
+    fingerprint: str
+    run_key: str
+    manifest_base: dict = field(default_factory=dict)
+
+
+class GroupWriter:
+    """Streams merged MaskRecord rows of one date group into its sinks."""
+
+    def __init__(self, spec: GroupSinkSpec, root: OutputRoot):
+        self.spec, self.root = spec, root
+        self.t0 = time.perf_counter()
+        grid = spec.group.grid
+        self.staging = root.staging_dir(spec.out_dir)
+        self.datetime_utc = datetime.combine(spec.group.date, dtime(0), tzinfo=UTC)
+        if spec.group.items:
+            self.datetime_utc = min(i.datetime_utc for i in spec.group.items)
+        self.parquet = GeoParquetWriter(self.staging / "masks.parquet")
+        self.labels = LabelRasterWriter(
+            self.staging / "labels.tif", grid.width, grid.height, Affine(*grid.transform), grid.epsg, self.staging
+        )
+        self.count = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Append merged rows (uid order): assign ids, paint labels, write polygons."""
+        n = table.num_rows
+        if n == 0:
+            return
+        ids = np.arange(self.count + 1, self.count + n + 1, dtype=np.int64)
+        boxes = np.asarray(table.column("box_xyxy").to_pylist(), np.int64)
+        areas = table.column("area").to_numpy()
+        for mask_id, box, bits, area in zip(ids, boxes, table.column("mask_bits").to_pylist(), areas, strict=True):
+            self.labels.paint(int(mask_id), box, unpack_crop(bits, box), int(area))
+        rows = pa.Table.from_pydict(
+            {
+                "id": ids,
+                "determination:datetime": [self.datetime_utc] * n,
+                "determination:method": [DETERMINATION_METHOD] * n,
+                "metrics:area": table.column("area_m2"),
+                "metrics:perimeter": table.column("perimeter_m"),
+                "predicted_iou": table.column("predicted_iou").cast(pa.float32()),
+                "stability_score": table.column("stability_score").cast(pa.float32()),
+                "chip_id": [f"{r}_{c}" for r, c in zip(table.column("chip_row").to_pylist(), table.column("chip_col").to_pylist())],
+                "utm_crs": [f"EPSG:{self.spec.group.grid.epsg}"] * n,
+                "geometry": table.column("geometry"),
+                "bbox": pa.StructArray.from_arrays(
+                    [table.column(f"bbox_{k}").combine_chunks().cast(pa.float64()) for k in BBOX_FIELDS],
+                    names=list(BBOX_FIELDS),
+                ),
+            },
+            schema=SCHEMA,
+        )
+        for batch in rows.to_batches():
+            self.parquet.write(batch)
+        self.count += n
+
+    def close(self, counts: dict[str, Any], stage_seconds: dict[str, float]) -> dict[str, Any]:
+        """Finish every sink, write manifest.json and publish the directory with its marker."""
+        from raysam.sinks.s2 import write_s2_rasters
+
+        self.parquet.close()
+        self.labels.close()
+        s2_dir = None
+        if "s2_raster" in self.spec.sinks:
+            s2_dir = self.staging / "s2"
+            write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir)
+        if "quicklook" in self.spec.sinks:
+            write_quicklook(self.staging / "labels.tif", s2_dir, self.staging / "quicklook.png")
+        manifest = {
+            **self.spec.manifest_base,
+            "date_group": {
+                "id": self.spec.group.id,
+                "date": self.spec.group.date.isoformat(),
+                "items": [i.id for i in self.spec.group.items],
+                "grid": {
+                    "crs": f"EPSG:{self.spec.group.grid.epsg}", "transform": list(self.spec.group.grid.transform),
+                    "width": self.spec.group.grid.width, "height": self.spec.group.grid.height,
+                },
+                "area_km2": self.spec.group.aoi_utm.area / 1e6,
+            },
+            "counts": {**counts, "masks_after_merge": self.count, "items": len(self.spec.group.items)},
+            "timings_s": {**stage_seconds, "sinks": time.perf_counter() - self.t0},
+            "fingerprint": self.spec.fingerprint,
+            "run_key": self.spec.run_key,
+            "finished_at": datetime.now(UTC).isoformat(),
+        }
+        (self.staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        marker = {"fingerprint": self.spec.fingerprint, "masks": self.count, "finished_at": manifest["finished_at"]}
+        self.root.publish(self.staging, self.spec.out_dir, marker)
+        return manifest

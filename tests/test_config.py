@@ -1,0 +1,91 @@
+"""The Hydra config: composition, seed defaults, validation before anything starts, secrets."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import raysam.config  # noqa: F401  (registers the schema)
+from raysam.config import REDACTED, redacted, to_run_config
+from raysam.errors import ConfigError
+from raysam.run import CONF_DIR, hide_secret_overrides
+
+SEED_DEFAULTS = {  # ../shared/seed/auto_segment_s2.md "Workflow Yaml"
+    "spatial_overlap": 0.5, "points_per_side": 16, "n_crop_layers": 0, "crop_overlap_ratio": 0.0,
+    "crop_n_points_downscale_factor": 1, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+    "stability_score_offset": 1.0, "points_per_batch": 16, "chip_nms_thr": 0.7, "mask_nms_thr": 0.5,
+}
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_seed_defaults_and_model_default():
+    cfg = _compose("region=iowa")
+    for key, value in SEED_DEFAULTS.items():
+        assert cfg.sam[key] == value, key
+    run = to_run_config(cfg)
+    assert run.model.type == "vit_b"
+    assert (run.amg.points_per_side, run.amg.chip_nms_thr, run.merge.mask_nms_thr) == (16, 0.7, 0.5)
+    assert run.chip.spatial_overlap == 0.5
+
+
+@pytest.mark.parametrize("group", ["region=demo", "region=iowa", "model=demo", "model=vit_l", "model=vit_h",
+                                   "stac=demo", "ray=cluster"])
+def test_every_group_option_composes_and_validates(group):
+    overrides = ["region=iowa", group] if not group.startswith("region") else [group]
+    run = to_run_config(_compose(*overrides, "stac.url=http://127.0.0.1:1") if "stac=local" in group else _compose(*overrides))
+    assert run.region.name
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sam.spatial_overlap=1.0", "sam.spatial_overlap=1.0 is out of range"),
+        ("sam.mask_nms_thr=0", "sam.mask_nms_thr=0.0 is out of range"),
+        ("sam.pred_iou_thresh=1.5", "pred_iou_thresh"),
+        ("sam.points_per_side=0", "points_per_side"),
+        ("sam.merge_iou=polygon", "sam.merge_iou='polygon'"),
+        ("ray.sam_actors=0", "ray.sam_actors=0"),
+        ("output.sinks=[labels]", "unknown sink"),
+        ("region.name=../../etc", "is not a safe name"),
+        ("device=tpu", "device='tpu'"),
+        ("model.type=vit_x", "model.type='vit_x' is unknown"),
+    ],
+)
+def test_bad_values_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        to_run_config(_compose("region=iowa", override))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["sam.pointz_per_side=3", "sam.points_per_side=abc", "ray.sam_actors=two"])
+def test_typos_and_wrong_types_fail_while_composing(override):
+    with pytest.raises(Exception, match="override|merging|Key"):
+        _compose("region=iowa", override)
+
+
+def test_region_is_required():
+    with pytest.raises(Exception, match="region"):
+        _compose()
+
+
+def test_secret_override_moves_to_environment(monkeypatch):
+    monkeypatch.delenv("PC_SDK_SUBSCRIPTION_KEY", raising=False)
+    argv = hide_secret_overrides(["raysam.run", "region=iowa", "stac.pc_key=s3cr3t-key", "sam.points_per_side=8"])
+    assert argv == ["raysam.run", "region=iowa", "sam.points_per_side=8"]
+    cfg = _compose(*argv[1:])
+    assert "s3cr3t-key" not in OmegaConf.to_yaml(cfg)  # what --cfg job prints and .hydra/ saves
+    run = to_run_config(cfg)
+    assert run.stac.pc_key == "s3cr3t-key"
+    assert "s3cr3t-key" not in repr(run)
+    plain = redacted({"stac": {"pc_key": "s3cr3t-key", "url": "x?key=s3cr3t-key"}}, ["s3cr3t-key"])
+    assert plain == {"stac": {"pc_key": REDACTED, "url": f"x?key={REDACTED}"}}
+
+
+def test_conf_dir_is_the_repository_conf():
+    assert (Path(CONF_DIR) / "config.yaml").exists()
