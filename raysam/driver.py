@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -97,13 +96,13 @@ def search(cfg: RunConfig, region: Region) -> list:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Check the model, output root and region, search the catalog and plan the run."""
+    region = load_region(cfg.region)
     model_dir, manifest = ensure_model(cfg)
     root = OutputRoot.open(cfg.output.root)
-    if not cfg.dry_run:
-        root.check_writable()
-    region = load_region(cfg.region)
     items = search(cfg, region)
     plan = plan_run(cfg, region, items, manifest, root)
+    if not cfg.dry_run and plan.todo:
+        root.check_writable()
     return Prepared(plan, root, model_dir, manifest, len(items))
 
 
@@ -166,7 +165,7 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     """Run the pipeline over the incomplete date groups and write their sinks."""
     import ray
 
-    from raysam.pipeline import STATS_ACTOR, RunStats, merged_records, model_source_for, sam_records
+    from raysam.pipeline import STATS_ACTOR, RunStats, decide_unresolved, merged_records, model_source_for, sam_records
     from raysam.plan import iter_chip_tasks
     from raysam.sinks.group import GroupSinkSpec, GroupWriter
     from raysam.stac import make_href_signer
@@ -190,8 +189,8 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
                                   g.group.grid.width) for g in todo}
     tasks = (t for g in todo for t in iter_chip_tasks(cfg, g.group))
     records_ds = sam_records(tasks, cfg, scaling, model_source_for(cfg, prepared.model_dir))
-    ds = merged_records(records_ds, cfg, grids).materialize()
-    decided = _decide_unresolved(ds, records_ds, cfg, grids)
+    ds = merged_records(records_ds, cfg.merge, grids).materialize()
+    decided = decide_unresolved(ds, records_ds, cfg.merge, grids)
     base = manifest_base(cfg, prepared)
     specs = {
         g.group.id: GroupSinkSpec(g.group, g.out_dir, cfg.output.sinks, cfg.output.s2_bands,
@@ -226,29 +225,3 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
         finish(group_id)
     metrics["pipeline_s"] = time.perf_counter() - t0
     return metrics
-
-
-def _decide_unresolved(merged: Any, records_ds: Any, cfg: RunConfig, grids: dict) -> pa.Array:
-    """Uids kept among records whose merge component outgrew their cell's halo (rare).
-
-    Such records are decided by one global merge of their date group on the driver, which
-    :mod:`raysam.merge` proves equal to the grouped merge.
-    """
-    from raysam.merge import MaskTable, merge_masks
-
-    pending = merged.filter(expr="status == 'unresolved'").select_columns(["date_group_id", "uid"]).take_all()
-    if not pending:
-        return pa.array([], pa.string())
-    kept: list[str] = []
-    for group_id in sorted({p["date_group_id"] for p in pending}):
-        log.warning("date group %s: merge chains outgrew the halo; merging it globally on the driver", group_id)
-        rows = records_ds.filter(expr=f"date_group_id == '{group_id}'").to_pandas()
-        batch = {c: rows[c].to_numpy() for c in rows.columns}
-        batch["mask_bits"] = [np.frombuffer(b, np.uint8).reshape(int(bx[3] - bx[1] + 1), -1)
-                              for b, bx in zip(batch["mask_bits"], batch["box_xyxy"])]
-        table = MaskTable.from_batch(batch)
-        grid = grids[group_id]
-        keep = merge_masks(table, cfg.merge.mask_nms_thr, cfg.merge.iou_mode, grid_hw_px=(grid.height, grid.width))
-        wanted = {p["uid"] for p in pending if p["date_group_id"] == group_id}
-        kept += [u for u in table.mask_uid[keep].tolist() if u in wanted]
-    return pa.array(kept, pa.string())

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from raysam import records
-from raysam.config import RunConfig
+from raysam.config import MergeConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +155,45 @@ def sam_records(tasks: Iterator, cfg: RunConfig, scaling: dict, model_source: re
     return ds.materialize()
 
 
-def merged_records(mask_records: ray.data.Dataset, cfg: RunConfig, grids: dict[str, records.GridInfo]) -> ray.data.Dataset:
+def merged_records(mask_records: ray.data.Dataset, merge: MergeConfig, grids: dict[str, records.GridInfo]) -> ray.data.Dataset:
     """The spatial reduce: replicate records into merge cells, merge each cell, sort by group and uid."""
     ctx = ray.data.DataContext.get_current()
     # The reduce groups rows by (date group, cell) with a hash shuffle: pinned, not left to defaults.
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
-    merge_params = {"mask_nms_thr": cfg.merge.mask_nms_thr, "iou_mode": cfg.merge.iou_mode}
+    merge_params = {"mask_nms_thr": merge.mask_nms_thr, "iou_mode": merge.iou_mode}
     ds = mask_records.map_batches(records.expand_to_cells, batch_format="numpy", fn_kwargs={"grids": grids})
     ds = ds.groupby(["date_group_id", "cell_row", "cell_col"]).map_groups(
         records.merge_cell_batch, batch_format="numpy", fn_kwargs={"merge_params": merge_params, "grids": grids}
     )
     return ds.sort(["date_group_id", "uid"])
+
+
+def decide_unresolved(merged: Any, records_ds: Any, merge: Any, grids: dict) -> pa.Array:
+    """Uids kept among records whose merge component outgrew their cell's halo (rare).
+
+    Such records are decided by one global merge of their date group on the driver, which
+    :mod:`raysam.merge` proves equal to the grouped merge.
+    """
+    from ray.data.expressions import col
+
+    from raysam.merge import MaskTable, merge_masks
+
+    pending = merged.filter(expr=col("status") == "unresolved").select_columns(["date_group_id", "uid"]).take_all()
+    if not pending:
+        return pa.array([], pa.string())
+    kept: list[str] = []
+    for group_id in sorted({p["date_group_id"] for p in pending}):
+        log.warning("date group %s: merge chains outgrew the halo; merging it globally on the driver", group_id)
+        rows = records_ds.filter(expr=col("date_group_id") == group_id).to_pandas()
+        batch = {c: rows[c].to_numpy() for c in rows.columns}
+        batch["mask_bits"] = [np.frombuffer(b, np.uint8).reshape(int(bx[3] - bx[1] + 1), -1)
+                              for b, bx in zip(batch["mask_bits"], batch["box_xyxy"])]
+        table = MaskTable.from_batch(batch)
+        grid = grids[group_id]
+        keep = merge_masks(table, merge.mask_nms_thr, merge.iou_mode, grid_hw_px=(grid.height, grid.width))
+        wanted = {p["uid"] for p in pending if p["date_group_id"] == group_id}
+        kept += [u for u in table.mask_uid[keep].tolist() if u in wanted]
+    return pa.array(kept, pa.string())
 
 
 def model_source_for(cfg: RunConfig, model_dir: Path) -> records.ModelSource:

@@ -1,0 +1,147 @@
+"""End to end on the demo region and demo model: Ray pipeline, merge, sinks, resume, bad config.
+
+The synthetic catalog's ground-truth fields (``fields.parquet``) give known answers: the output
+polygons must recover them, once each, in EPSG:4326 on both sides of the UTM zone boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+import shapely
+from hydra import compose, initialize_config_dir
+
+from raysam.config import to_run_config
+from raysam.errors import ConfigError
+from raysam.run import CONF_DIR, run
+
+pytestmark = pytest.mark.slow
+
+# A sub-region of the demo AOI that still straddles lon -90 (the UTM 15/16 boundary): one
+# 1024 chip per date keeps the run short; points_per_side 24 prompts most of its fields.
+SMALL_AOI = "-90.035,41.815,-89.965,41.865"
+FIELD_IOU_MEDIAN_MIN = 0.8
+
+
+def run_config(tmp_root: Path, demo_catalog, *overrides: str):
+    """A validated RunConfig for the demo on the session's catalog, writing under ``tmp_root``."""
+    base = [
+        "region=demo", "model=demo", f"region.geometry='{SMALL_AOI}'",
+        f"stac.demo_root={demo_catalog.root.parent}", f"model.path={demo_catalog.root.parent / 'models' / 'demo'}",
+        f"output.root={tmp_root}", "sam.points_per_side=16", "sam.points_per_batch=64",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose("config", overrides=[*base, *overrides]))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, demo_catalog, ray_local):
+    root = tmp_path_factory.mktemp("out")
+    metrics = run(run_config(root, demo_catalog))
+    return root, metrics
+
+
+def _group_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("demo/*/*/_COMPLETE.json"))
+
+
+def _fields(demo_catalog) -> gpd.GeoDataFrame:
+    return gpd.read_parquet(demo_catalog.fields_path)
+
+
+def test_outputs_are_complete_and_open_in_gis_tools(demo_run):
+    root, metrics = demo_run
+    groups = _group_dirs(root)
+    assert len(groups) == 2 == metrics["groups_done"]  # two dates
+    for d in groups:
+        assert sorted(p.name for p in d.iterdir()) == [
+            "_COMPLETE.json", "labels.tif", "manifest.json", "masks.parquet", "quicklook.png", "s2"]
+        masks = gpd.read_parquet(d / "masks.parquet")
+        assert masks.crs.to_epsg() == 4326 and len(masks) > 0
+        assert json.loads(pq.read_schema(d / "masks.parquet").metadata[b"geo"])["version"] == "1.1.0"
+        assert list(masks["id"]) == list(range(1, len(masks) + 1))
+        assert set(masks["determination:method"]) == {"auto-imagery"}
+        assert masks.geometry.is_valid.all()
+        with rasterio.open(d / "labels.tif") as src:
+            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.dtypes[0] == "uint32"
+            labels = src.read(1)
+            assert set(np.unique(labels)) - {0} <= set(masks["id"])
+        manifest = json.loads((d / "manifest.json").read_text())
+        counts = manifest["counts"]
+        assert counts["masks_after_merge"] == len(masks) <= counts["masks_before_merge"]
+        assert counts["chips_read"] + counts["chips_skipped"] >= 1
+        assert manifest["model"]["family"] == "demo"
+
+
+def test_fields_are_recovered_once_each_across_the_zone_boundary(demo_run, demo_catalog):
+    root, _ = demo_run
+    fields = _fields(demo_catalog).to_crs(32616)
+    clear_day = [d for d in _group_dirs(root) if d.name.endswith("20240701")][0]
+    masks = gpd.read_parquet(clear_day / "masks.parquet").to_crs(32616)
+    tree = shapely.STRtree(fields.geometry.values)
+    best_iou, best_field = [], []
+    for geom in masks.geometry:
+        hits = tree.query(geom, predicate="intersects")
+        ious = [geom.intersection(fields.geometry.iloc[h]).area / geom.union(fields.geometry.iloc[h]).area for h in hits]
+        k = int(np.argmax(ious)) if ious else -1
+        best_iou.append(ious[k] if ious else 0.0)
+        best_field.append(int(fields["id"].iloc[hits[k]]) if ious else -1)
+    best_iou, best_field = np.asarray(best_iou), np.asarray(best_field)
+    matched = best_iou >= 0.5
+    assert matched.sum() >= 20, f"only {matched.sum()} masks match a field"
+    assert np.median(best_iou[matched]) >= FIELD_IOU_MEDIAN_MIN
+    ids, counts = np.unique(best_field[matched], return_counts=True)
+    assert (counts == 1).all(), f"fields represented twice: {ids[counts > 1]}"
+    # Fields on both sides of lon -90 are found, and straddling ones land where the truth says.
+    lon = gpd.GeoSeries(masks.geometry[matched].centroid, crs=32616).to_crs(4326).x
+    assert (lon < -90).any() and (lon > -90).any()
+    straddling = set(demo_catalog.boundary_field_ids) & set(best_field[matched].tolist())
+    assert straddling, "no straddling field recovered"
+
+
+def test_no_two_outputs_overlap_beyond_mask_nms_thr(demo_run):
+    root, _ = demo_run
+    for d in _group_dirs(root):
+        geoms = gpd.read_parquet(d / "masks.parquet").to_crs(32616).geometry.values
+        tree = shapely.STRtree(geoms)
+        i, j = tree.query(geoms, predicate="intersects")
+        pairs = i < j
+        inter = shapely.area(shapely.intersection(geoms[i[pairs]], geoms[j[pairs]]))
+        union = shapely.area(shapely.union(geoms[i[pairs]], geoms[j[pairs]]))
+        assert (inter / union <= 0.5 + 1e-6).all()
+
+
+def test_rerun_skips_complete_groups_and_changes_nothing(demo_run, demo_catalog):
+    root, _ = demo_run
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    metrics = run(run_config(root, demo_catalog))
+    assert metrics["groups_skipped"] == 2 and metrics["groups_done"] == 0
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("sam.spatial_overlap=1.5", "spatial_overlap"), ("sam.mask_nms_thr=0", "mask_nms_thr"),
+     ("region.time_range=[2024-07-14,2024-06-28]", "time"), ("region.name=../../etc", "safe name")],
+)
+def test_bad_config_fails_fast_and_writes_nothing(tmp_path, demo_catalog, override, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg = run_config(tmp_path / "out", demo_catalog, override)
+        run(cfg)
+    assert not (tmp_path / "out").exists()
