@@ -166,7 +166,6 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     import ray
 
     from raysam.pipeline import STATS_ACTOR, RunStats, decide_unresolved, merged_records, model_source_for, sam_records
-    from raysam.plan import iter_chip_tasks
     from raysam.sinks.group import GroupSinkSpec, GroupWriter
     from raysam.stac import make_href_signer
 
@@ -187,8 +186,8 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     scaling = {g.group.id: _scaling(cfg, g.group, signer) for g in todo}
     grids = {g.group.id: GridInfo(tuple(g.group.grid.transform), g.group.grid.epsg, g.group.grid.height,
                                   g.group.grid.width) for g in todo}
-    tasks = (t for g in todo for t in iter_chip_tasks(cfg, g.group))
-    records_ds = sam_records(tasks, cfg, scaling, model_source_for(cfg, prepared.model_dir))
+    groups = {g.group.id: g.group for g in todo}
+    records_ds = sam_records(groups, cfg, scaling, model_source_for(cfg, prepared.model_dir))
     ds = merged_records(records_ds, cfg.merge, grids).materialize()
     decided = decide_unresolved(ds, records_ds, cfg.merge, grids)
     base = manifest_base(cfg, prepared)

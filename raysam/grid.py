@@ -262,8 +262,15 @@ def chip_offsets(length_px: int, chip_size: int, step_px: int) -> list[int]:
     return list(range(0, last, step_px)) + [last]
 
 
+def chip_rows(grid: TargetGrid, chip_size: int = DEFAULT_CHIP_SIZE,
+              spatial_overlap: float = DEFAULT_OVERLAP) -> int:
+    """How many rows of chips the grid has (before dropping chips outside the AOI)."""
+    return len(chip_offsets(grid.height, chip_size, chip_step_px(chip_size, spatial_overlap)))
+
+
 def plan_chips(grid: TargetGrid, aoi_utm: BaseGeometry, chip_size: int = DEFAULT_CHIP_SIZE,
-               spatial_overlap: float = DEFAULT_OVERLAP) -> Iterator[ChipWindow]:
+               spatial_overlap: float = DEFAULT_OVERLAP,
+               rows: Sequence[int] | None = None) -> Iterator[ChipWindow]:
     """Yield the chips of ``grid`` that intersect ``aoi_utm``, row by row.
 
     Args:
@@ -271,6 +278,7 @@ def plan_chips(grid: TargetGrid, aoi_utm: BaseGeometry, chip_size: int = DEFAULT
         aoi_utm: the AOI in the grid CRS.
         chip_size: chip side in pixels.
         spatial_overlap: fraction of a chip shared with its neighbour, in [0, 1).
+        rows: only these chip rows (lets workers plan their share; default all).
 
     Yields:
         ChipWindow per kept chip, in (row, col) order.
@@ -279,7 +287,8 @@ def plan_chips(grid: TargetGrid, aoi_utm: BaseGeometry, chip_size: int = DEFAULT
     col_offs = chip_offsets(grid.width, chip_size, step)
     row_offs = chip_offsets(grid.height, chip_size, step)
     shapely.prepare(aoi_utm)
-    for row, row_off in enumerate(row_offs):
+    for row in range(len(row_offs)) if rows is None else rows:
+        row_off = row_offs[row]
         windows = [(c, row_off, chip_size, chip_size) for c in col_offs]
         bounds = np.array([grid.window_bounds(w) for w in windows])
         hits = shapely.intersects(aoi_utm, shapely.box(*bounds.T))
@@ -305,7 +314,8 @@ def make_date_group(region_name: str, day: date, items: Sequence[ParsedItem],
 
 
 def plan_chip_tasks(group: DateGroup, bands: Sequence[str], chip_size: int = DEFAULT_CHIP_SIZE,
-                    spatial_overlap: float = DEFAULT_OVERLAP) -> Iterator[ChipTask]:
+                    spatial_overlap: float = DEFAULT_OVERLAP,
+                    rows: Sequence[int] | None = None) -> Iterator[ChipTask]:
     """Yield one ChipTask per chip of the group's grid that touches its AOI.
 
     Args:
@@ -313,6 +323,7 @@ def plan_chip_tasks(group: DateGroup, bands: Sequence[str], chip_size: int = DEF
         bands: band ids or aliases to read (``R``, ``G``, ``B``, ``SCL``).
         chip_size: chip side in pixels.
         spatial_overlap: fraction of a chip shared with its neighbour, in [0, 1).
+        rows: only these chip rows (default all).
 
     Yields:
         ChipTask with, per item whose footprint touches the chip, the requested bands.
@@ -326,7 +337,7 @@ def plan_chip_tasks(group: DateGroup, bands: Sequence[str], chip_size: int = DEF
                   for i in group.items]
     tree = shapely.STRtree(footprints)
     aoi_utm = group.aoi_utm
-    for chip in plan_chips(group.grid, aoi_utm, chip_size, spatial_overlap):
+    for chip in plan_chips(group.grid, aoi_utm, chip_size, spatial_overlap, rows):
         chip_box = shapely.box(*chip.bounds)
         hits = sorted(tree.query(chip_box, predicate="intersects"))
         if not hits:

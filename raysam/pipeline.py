@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -62,6 +61,20 @@ class RunStats:
 
     def stage_seconds(self) -> dict[str, float]:
         return dict(self.seconds)
+
+
+def plan_stage(batch: dict[str, np.ndarray], groups: dict, bands: tuple[str, ...], spatial_overlap: float) -> dict:
+    """(date group, chip row) -> that row's chip tasks, so the driver never holds the chip list."""
+    from raysam.grid import plan_chip_tasks
+
+    blobs = [
+        pickle.dumps(task)
+        for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True)
+        for task in plan_chip_tasks(groups[str(gid)], bands, spatial_overlap=spatial_overlap, rows=[int(row)])
+    ]
+    tasks = np.empty(len(blobs), object)
+    tasks[:] = blobs
+    return {"task": tasks}
 
 
 def read_stage(batch: dict[str, np.ndarray], scaling: dict, signer_cfg: Any, max_cloud_fraction: float) -> dict:
@@ -119,8 +132,8 @@ class SamStage:
         return records.rows_to_columns(rows)
 
 
-def sam_records(tasks: Iterator, cfg: RunConfig, scaling: dict, model_source: records.ModelSource) -> ray.data.Dataset:
-    """Chip tasks -> chip reads (CPU tasks) -> SAM (actor pool) -> MaskRecords, materialised.
+def sam_records(groups: dict, cfg: RunConfig, scaling: dict, model_source: records.ModelSource) -> ray.data.Dataset:
+    """Chip rows -> chip tasks -> chip reads (CPU tasks) -> SAM (actor pool) -> MaskRecords, materialised.
 
     The records are compact (bit-packed crops) and the merge needs all of them anyway, so they
     are materialised once in the object store; the merge (and, rarely, its wider second pass)
@@ -131,8 +144,16 @@ def sam_records(tasks: Iterator, cfg: RunConfig, scaling: dict, model_source: re
     ctx.actor_task_retry_on_errors = False  # errors in our own code fail fast, with their message
     ctx.enable_progress_bars = True
 
-    rows = [{"task": pickle.dumps(t)} for t in tasks]
+    from raysam.grid import chip_rows
+    from raysam.plan import chip_bands
+
+    overlap = cfg.chip.spatial_overlap
+    rows = [{"date_group_id": gid, "chip_row": r} for gid, g in groups.items() for r in range(chip_rows(g.grid, spatial_overlap=overlap))]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
+    ds = ds.map_batches(
+        plan_stage, batch_size=1, num_cpus=0.25,
+        fn_kwargs={"groups": groups, "bands": chip_bands(cfg), "spatial_overlap": overlap},
+    )
     ds = ds.map_batches(
         read_stage,
         batch_size=1,
