@@ -3,7 +3,7 @@
 
 demo:
 	scripts/bootstrap.sh
-	.venv/bin/python -m raysam.demo
+	.venv/bin/python -m raysam.run region=demo model=demo
 
 test:
 	scripts/bootstrap.sh dev

@@ -180,6 +180,7 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     }
     if not todo:
         return metrics
+    t0 = time.perf_counter()
     init_ray(cfg)
     stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
     signer = make_href_signer(cfg.stac)
@@ -203,14 +204,15 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
         writer = writers.pop(group_id, None) or GroupWriter(specs[group_id], prepared.root)
         finished.add(group_id)
         counts = ray.get(stats.summary.remote(group_id))
-        manifest = writer.close(counts, ray.get(stats.stage_seconds.remote()))
+        elapsed = time.perf_counter() - t0
+        counts["chips_per_s"] = counts["chips_read"] / elapsed if elapsed else 0.0
+        manifest = writer.close(counts, {**ray.get(stats.stage_seconds.remote()), "pipeline_wall": elapsed})
         metrics["groups_done"] += 1
         metrics["chips_read"] += counts["chips_read"]
         metrics["chips_skipped"] += counts["chips_skipped"]
         metrics["masks"] += manifest["counts"]["masks_after_merge"]
         log.info("date group %s: %d masks -> %s", group_id, manifest["counts"]["masks_after_merge"], specs[group_id].out_dir)
 
-    t0 = time.perf_counter()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048):
         table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
         table = table.filter(pc.or_(pc.equal(table.column("status"), "kept"), pc.is_in(table.column("uid"), value_set=decided)))

@@ -8,6 +8,7 @@ atomically with a completion marker (:class:`raysam.sinks.store.OutputRoot`).
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time as dtime
@@ -119,6 +120,7 @@ class GroupWriter:
             "timings_s": {**stage_seconds, "sinks": time.perf_counter() - self.t0},
             "fingerprint": self.spec.fingerprint,
             "run_key": self.spec.run_key,
+            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "finished_at": datetime.now(UTC).isoformat(),
         }
         (self.staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))

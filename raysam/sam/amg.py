@@ -1,0 +1,218 @@
+"""Automatic mask generation for one chip, following ``SamAutomaticMaskGenerator``.
+
+``generate`` → ``_generate_masks`` (crops, then NMS across crops preferring smaller crops)
+→ ``_process_crop`` (encode once, point batches, NMS in the crop, back to image frame)
+→ ``_process_batch`` (decode, candidates, IoU filter, upsample survivors, stability
+filter, threshold, boxes, crop-edge filter, bit-pack). Masks are upsampled only inside
+the region where their low-res logits can exceed the lowest threshold, so the work per
+mask scales with the mask's box, not with the chip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raysam.errors import ConfigError, DataError
+from raysam.sam import contract
+from raysam.sam.masks import (
+    AxisRuns,
+    CompactMasks,
+    MaskData,
+    batch_iterator,
+    batched_mask_to_box,
+    batched_nms,
+    box_area,
+    box_xyxy_to_xywh,
+    build_all_layer_point_grids,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    postprocess_taps,
+    stability_from_counts,
+    uncrop_boxes_xyxy,
+    uncrop_points,
+    upsample_thresholded,
+)
+from raysam.sam.model import SamModel
+from raysam.sam.params import AmgParams
+
+class AutomaticMaskGenerator:
+    """SAM's automatic mask generator on an ONNX :class:`SamModel`.
+
+    Args:
+        model: The loaded model.
+        params: An :class:`AmgParams`; or give its fields as keyword arguments.
+    """
+
+    def __init__(self, model: SamModel, params: AmgParams | None = None, **kwargs: Any) -> None:
+        self.model = model
+        unknown = sorted(set(kwargs) - set(AmgParams.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(
+                f"unknown mask generator parameter(s) {', '.join(unknown)}: use "
+                f"{', '.join(AmgParams.__dataclass_fields__)}"
+            )
+        base = _as_dict(params) if params is not None else {}
+        self.params = AmgParams(**{**base, **kwargs}) if kwargs or params is None else params
+        p = self.params
+        self.point_grids = (
+            list(p.point_grids) if p.point_grids is not None
+            else build_all_layer_point_grids(
+                p.points_per_side, p.n_crop_layers, p.crop_n_points_downscale_factor)
+        )
+        self.mask_threshold = model.mask_threshold
+
+    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """Masks of an HxWx3 uint8 image as ``SamAutomaticMaskGenerator.generate`` returns
+        them with ``output_mode="binary_mask"``, in the same order."""
+        compact = self.generate_compact(image)
+        return [_record(compact, i) for i in range(len(compact))]
+
+    def generate_compact(self, image: np.ndarray) -> CompactMasks:
+        """Masks of an HxWx3 uint8 image as packed bits in their boxes (no dense masks)."""
+        _check_image(image)
+        return CompactMasks.from_mask_data(self._generate_masks(image), image.shape[:2])
+
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(
+            orig_size, self.params.n_crop_layers, self.params.crop_overlap_ratio)
+        data = MaskData()
+        for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+        # Remove duplicates between crops, preferring masks from smaller crops.
+        if len(crop_boxes) > 1 and len(data):
+            crop_areas = box_area(np.asarray(data["crop_boxes"], np.int64))
+            scores = np.float32(1.0) / crop_areas.astype(np.float32)
+            keep = batched_nms(data["boxes"], scores, np.zeros(len(data)), self.params.chip_nms_thr)
+            data.filter(keep)
+        return data
+
+    def _process_crop(
+        self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, int]
+    ) -> MaskData:
+        x0, y0, x1, y1 = crop_box
+        cropped = np.ascontiguousarray(image[y0:y1, x0:x1, :])
+        crop_hw = cropped.shape[:2]
+        encoder_input, input_hw = self.model.preprocess(cropped)
+        embeddings = self.model.encode(encoder_input)
+        taps = self._crop_taps(input_hw, crop_hw)
+        points_for_image = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
+        data = MaskData()
+        for (points,) in batch_iterator(self.params.points_per_batch, points_for_image):
+            data.cat(self._process_batch(points, embeddings, crop_hw, taps, crop_box, orig_size))
+        if not len(data):
+            return _empty_data()
+        # Remove duplicates within this crop.
+        keep = batched_nms(data["boxes"], data["iou_preds"], np.zeros(len(data)),
+                           self.params.chip_nms_thr)
+        data.filter(keep)
+        # Return to the original image frame.
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = np.tile(np.asarray(crop_box, np.int64), (len(data), 1))
+        return data
+
+    def _crop_taps(self, input_hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[AxisRuns, AxisRuns]:
+        """Per-axis upsampling operators from low-res logits to this crop's pixels."""
+        size, low = self.model.image_size, contract.LOW_RES_SIZE
+        return (AxisRuns.from_taps(postprocess_taps(low, size, input_hw[0], crop_hw[0])),
+                AxisRuns.from_taps(postprocess_taps(low, size, input_hw[1], crop_hw[1])))
+
+    def _process_batch(
+        self,
+        points: np.ndarray,
+        embeddings: np.ndarray,
+        crop_hw: tuple[int, int],
+        taps: tuple[AxisRuns, AxisRuns],
+        crop_box: list[int],
+        orig_size: tuple[int, int],
+    ) -> MaskData:
+        p = self.params
+        coords = self.model.apply_coords(points, crop_hw)[:, None, :]
+        iou, low_res = self.model.decode(embeddings, coords, np.ones(coords.shape[:2], np.float32))
+        tokens = slice(1, contract.NUM_MASK_TOKENS) if p.multimask else slice(0, 1)
+        n_tok = len(range(contract.NUM_MASK_TOKENS)[tokens])
+        data = MaskData(
+            logits=low_res[:, tokens].reshape(-1, *low_res.shape[-2:]),
+            iou_preds=iou[:, tokens].reshape(-1).astype(np.float32),
+            points=np.repeat(points, n_tok, axis=0),
+        )
+        # Filter by predicted IoU before any upsampling.
+        if p.pred_iou_thresh > 0.0:
+            data.filter(data["iou_preds"] > p.pred_iou_thresh)
+        self._upsample(data, taps)
+        if p.stability_score_thresh > 0.0:
+            data.filter(data["stability_score"] >= p.stability_score_thresh)
+        self._boxes_and_bits(data)
+        # Filter boxes that touch crop boundaries.
+        orig_box = [0, 0, orig_size[1], orig_size[0]]
+        data.filter(~is_box_near_crop_edge(data["boxes"], crop_box, orig_box))
+        del data["regions"], data["origins"]
+        return data
+
+    def _upsample(self, data: MaskData, taps: tuple[AxisRuns, AxisRuns]) -> None:
+        """Add stability scores and the thresholded mask inside each mask's live region."""
+        offset = self.params.stability_score_offset
+        thresholds = (self.mask_threshold - offset, self.mask_threshold, self.mask_threshold + offset)
+        regions = [upsample_thresholded(logits, taps[0], taps[1], thresholds, mask_index=1)
+                   for logits in data["logits"]]
+        counts = np.array([r.counts for r in regions], np.int64).reshape(-1, 3)
+        data["stability_score"] = stability_from_counts(counts[:, 2], counts[:, 0])
+        data["regions"] = [r.mask for r in regions]
+        data["origins"] = np.array([r.origin for r in regions], np.int64).reshape(-1, 2)
+        del data["logits"]
+
+    def _boxes_and_bits(self, data: MaskData) -> None:
+        """Inclusive boxes (crop frame), areas and packed bits of each thresholded region."""
+        boxes, areas, bits = [], [], []
+        for region, (oy, ox) in zip(data["regions"], data["origins"]):
+            box = batched_mask_to_box(region) if region.size else np.zeros(4, np.int64)
+            area = int(np.count_nonzero(region))
+            if area:
+                bits.append(np.packbits(region[box[1] : box[3] + 1, box[0] : box[2] + 1], axis=1))
+                box = box + np.array([ox, oy, ox, oy])
+            else:
+                box, bits_empty = np.zeros(4, np.int64), np.zeros((1, 1), np.uint8)
+                bits.append(bits_empty)
+            boxes.append(box)
+            areas.append(area)
+        data["boxes"] = np.array(boxes, np.int64).reshape(-1, 4)
+        data["areas"] = np.array(areas, np.int64)
+        data["bits"] = bits
+
+
+def _empty_data() -> MaskData:
+    return MaskData(
+        iou_preds=np.zeros(0, np.float32), points=np.zeros((0, 2)),
+        stability_score=np.zeros(0, np.float32), boxes=np.zeros((0, 4), np.int64),
+        areas=np.zeros(0, np.int64), bits=[], crop_boxes=np.zeros((0, 4), np.int64),
+    )
+
+
+def _record(masks: CompactMasks, i: int) -> dict[str, Any]:
+    """One SAM-style annotation dict (binary_mask output mode)."""
+    return {
+        "segmentation": masks.dense_mask(i),
+        "area": int(masks.area[i]),
+        "bbox": box_xyxy_to_xywh(masks.box_xyxy[i].astype(np.int64)).tolist(),
+        "predicted_iou": float(masks.predicted_iou[i]),
+        "point_coords": [masks.point_coords[i].astype(np.float64).tolist()],
+        "stability_score": float(masks.stability_score[i]),
+        "crop_box": box_xyxy_to_xywh(masks.crop_box_xyxy[i].astype(np.int64)).tolist(),
+    }
+
+
+def _check_image(image: Any) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise DataError(f"image must be an HxWx3 uint8 array, got shape {shape}: pass RGB pixels")
+    if image.dtype != np.uint8:
+        raise DataError(f"image must be uint8 (0..255), got {image.dtype}: scale it to uint8 first")
+    if min(image.shape[:2]) == 0:
+        raise DataError(f"image is empty (shape {image.shape}): pass a non-empty chip")
+
+
+def _as_dict(params: AmgParams) -> dict[str, Any]:
+    return {name: getattr(params, name) for name in params.__dataclass_fields__}

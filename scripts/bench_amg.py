@@ -1,0 +1,93 @@
+"""Benchmark: raysam's ONNX generator against segment_anything's, on the tiny SAM fixture.
+
+Runs both generators on tests/data/tiny_sam_image.png with the same parameters (16x16 points),
+checks that they agree (same mask count, every mask matched with IoU >= 0.99) and prints both
+wall times and their ratio. Usage::
+
+    .venv/bin/python scripts/bench_amg.py [--model-dir DIR] [--repeat N] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysam.sam import AutomaticMaskGenerator, load_model  # noqa: E402
+from tests.tiny_sam import build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
+
+# The seed's parameters (auto_segment_s2), under which the fixture keeps >= 50 masks.
+PARAMS = dict(points_per_side=16, points_per_batch=16, pred_iou_thresh=0.88,
+              stability_score_thresh=0.95, stability_score_offset=1.0, chip_nms_thr=0.7,
+              n_crop_layers=0, crop_overlap_ratio=0.0, crop_n_points_downscale_factor=1)
+MIN_IOU = 0.99
+
+
+def _best_ious(ours: list[dict], ref: list[dict]) -> list[float]:
+    """For each reference mask, the best mask IoU among ours (box-overlap candidates only)."""
+    out = []
+    for b in ref:
+        best = 0.0
+        for a in ours:
+            inter = np.count_nonzero(a["segmentation"] & b["segmentation"])
+            if inter:
+                best = max(best, inter / np.count_nonzero(a["segmentation"] | b["segmentation"]))
+        out.append(best)
+    return out
+
+
+def _timed(fn, repeat: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="exported tiny SAM (default: export to a temp dir)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per generator; the best is kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
+    args = parser.parse_args()
+
+    import torch
+    from segment_anything import SamAutomaticMaskGenerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    image = load_tiny_image()
+    model_dir = args.model_dir or export_tiny_sam(Path(tempfile.mkdtemp()) / "vit_tiny")
+    model = load_model(model_dir, device="cpu", intra_op_threads=args.threads)
+    p = dict(PARAMS)
+    nms = p.pop("chip_nms_thr")
+    reference = SamAutomaticMaskGenerator(build_tiny_sam(), box_nms_thresh=nms, crop_nms_thresh=nms,
+                                          crop_n_layers=p.pop("n_crop_layers"), **p)
+    ours = AutomaticMaskGenerator(model, **PARAMS)
+
+    t_ours, masks_ours = _timed(lambda: ours.generate(image), args.repeat)
+    with torch.no_grad():
+        t_ref, masks_ref = _timed(lambda: reference.generate(image), args.repeat)
+    ious = _best_ious(masks_ours, masks_ref)
+    same = len(masks_ours) == len(masks_ref) and all(i >= MIN_IOU for i in ious)
+
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+          f"torch threads {torch.get_num_threads()}, provider {model.provider}")
+    print(f"masks: reference {len(masks_ref)}, raysam {len(masks_ours)}, "
+          f"min best-IoU {min(ious, default=1.0):.4f} -> {'MATCH' if same else 'MISMATCH'}")
+    print(f"reference SamAutomaticMaskGenerator: {t_ref:8.2f} s")
+    print(f"raysam AutomaticMaskGenerator (ONNX): {t_ours:8.2f} s")
+    print(f"speed-up: {t_ref / t_ours:.1f}x")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The generator's own machinery: exact thresholded upsampling, output records, input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysam.errors import ConfigError, DataError
+from raysam.sam import AmgParams, AutomaticMaskGenerator, load_model
+from raysam.sam import masks as M
+
+
+def _logits(kind: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "noisy":
+        return (rng.normal(size=(256, 256)) * 3).astype(np.float32)
+    if kind == "blob":  # a smooth blob like a real SAM mask, with exact ties on thresholds
+        yy, xx = np.mgrid[0:256, 0:256]
+        cy, cx, r = rng.uniform(40, 216, 3)
+        out = (r / 3 - np.hypot(yy - cy, xx - cx)).astype(np.float32) / 4
+        out[10:20, 10:20] = 1.0
+        return np.round(out * 8) / 8
+    return np.full((256, 256), -20.0, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["noisy", "blob", "empty"])
+@pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((1024, 1024), (683, 683)), ((768, 1024), (600, 800))])
+def test_thresholded_upsampling_equals_dense_upsampling(kind: str, input_hw: tuple, crop_hw: tuple) -> None:
+    """Block decisions and the live region change nothing: counts and mask equal the dense map's."""
+    taps = [M.postprocess_taps(256, 1024, i, o) for i, o in zip(input_hw, crop_hw)]
+    runs = [M.AxisRuns.from_taps(t) for t in taps]
+    thresholds = (-1.0, 0.0, 1.0)
+    for seed in range(3):
+        logits = _logits(kind, seed)
+        dense = M.apply_taps(logits, taps[0], taps[1], (0, crop_hw[0]), (0, crop_hw[1]))
+        got = M.upsample_thresholded(logits, runs[0], runs[1], thresholds, mask_index=1)
+        assert got.counts.tolist() == [int(np.count_nonzero(dense > t)) for t in thresholds]
+        full = np.zeros(crop_hw, bool)
+        (y0, x0), (h, w) = got.origin, got.mask.shape
+        full[y0 : y0 + h, x0 : x0 + w] = got.mask
+        np.testing.assert_array_equal(full, dense > 0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path):
+    return load_model(tiny_model_dir, device="cpu")
+
+
+def test_records_have_sam_keys_and_agree_with_compact(model, tiny_image: np.ndarray) -> None:
+    gen = AutomaticMaskGenerator(model, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    records = gen.generate(tiny_image)
+    compact = gen.generate_compact(tiny_image)
+    assert len(records) == len(compact) > 0
+    for i, rec in enumerate(records):
+        assert set(rec) == {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}
+        seg = rec["segmentation"]
+        assert seg.dtype == bool and seg.shape == tiny_image.shape[:2]
+        assert rec["area"] == int(seg.sum()) == int(compact.area[i])
+        if rec["area"]:
+            box = M.batched_mask_to_box(seg)
+            assert rec["bbox"] == [int(box[0]), int(box[1]), int(box[2] - box[0]), int(box[3] - box[1])]
+        assert rec["crop_box"] == [0, 0, 1024, 1024]
+        assert isinstance(rec["predicted_iou"], float) and isinstance(rec["stability_score"], float)
+        assert len(rec["point_coords"]) == 1 and len(rec["point_coords"][0]) == 2
+    assert compact.box_xyxy.dtype == np.int32 and compact.crop_box_xyxy.dtype == np.int32
+    assert all(b.dtype == np.uint8 and b.shape[0] == compact.box_xyxy[i, 3] - compact.box_xyxy[i, 1] + 1
+               for i, b in enumerate(compact.mask_bits))
+    # Sorted by predicted IoU within the one crop, as SAM's NMS leaves them.
+    assert np.all(np.diff(compact.predicted_iou) <= 0)
+
+
+def test_single_mask_mode_uses_token_zero(model, tiny_image: np.ndarray) -> None:
+    gen = AutomaticMaskGenerator(model, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                                 chip_nms_thr=1.0, multimask=False)
+    compact = gen.generate_compact(tiny_image)
+    emb = model.encode(model.preprocess(tiny_image)[0])
+    points = M.build_point_grid(2) * 1024
+    iou, _ = model.decode(emb, points[:, None, :], np.ones((4, 1)))
+    np.testing.assert_allclose(np.sort(compact.predicted_iou), np.sort(iou[:, 0]), rtol=0, atol=1e-6)
+
+
+def test_params_object_and_overrides(model) -> None:
+    p = AmgParams(points_per_side=8)
+    assert AutomaticMaskGenerator(model, p).params is p
+    assert AutomaticMaskGenerator(model, p, points_per_batch=4).params.points_per_batch == 4
+    with pytest.raises(ConfigError, match="unknown mask generator parameter"):
+        AutomaticMaskGenerator(model, box_nms_thresh=0.5)
+    with pytest.raises(ConfigError, match="points_per_batch must be a positive integer"):
+        AutomaticMaskGenerator(model, points_per_batch=0)
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.zeros((64, 64), np.uint8), "image must be an HxWx3 uint8 array, got shape (64, 64): pass RGB pixels"),
+    (np.zeros((64, 64, 3), np.float32), "image must be uint8 (0..255), got float32: scale it to uint8 first"),
+    (np.zeros((0, 64, 3), np.uint8), "image is empty (shape (0, 64, 3)): pass a non-empty chip"),
+])
+def test_bad_images(model, image: np.ndarray, message: str) -> None:
+    with pytest.raises(DataError) as err:
+        AutomaticMaskGenerator(model).generate_compact(image)
+    assert str(err.value) == message
