@@ -34,10 +34,13 @@ from raysam.errors import ConfigError  # noqa: E402  (stdlib-only module)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 STATES = ("PENDING", "RUNNING", *TERMINAL)
 _MONTH = re.compile(r"^(\d{4})-(\d{2})$")
-# `ray job submit` prints "Job 'ID' submitted successfully"; `ray job status` prints
-# "Status for job 'ID': STATE" (ray/dashboard/modules/job/cli.py, Ray 2.60).
+# What Ray 2.60's `ray job submit` / `ray job status` print (ray/dashboard/modules/job/cli.py),
+# with ANSI colours even into a pipe: "Job 'ID' submitted successfully"; for status, "Job 'ID'
+# succeeded", "Job 'ID' failed" (then "Status message: ..." with the job's log tail), "Job 'ID' was
+# stopped", or "Status for job 'ID': PENDING|RUNNING".
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SUBMITTED = re.compile(r"Job '([\w-]+)' submitted successfully")
-_STATUS = re.compile(r"Status for job '[\w-]+': ([A-Z]+)")
+_TERMINAL_WORDS = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}
 
 
 @dataclass(frozen=True)
@@ -108,14 +111,22 @@ def last_line(text: str) -> str:
 
 def parse_submitted(output: str) -> str | None:
     """The job id that ``ray job submit`` reports as submitted, or None."""
-    match = _SUBMITTED.search(output)
+    match = _SUBMITTED.search(_ANSI.sub("", output))
     return match.group(1) if match else None
 
 
-def parse_status(output: str) -> str:
-    """The state in ``ray job status`` output (not words in the status message), or UNKNOWN."""
-    match = _STATUS.search(output)
-    return match.group(1) if match and match.group(1) in STATES else "UNKNOWN"
+def parse_status(output: str, job_id: str) -> str:
+    """The state of ``job_id`` in ``ray job status`` output, or UNKNOWN (e.g. a refused request).
+
+    Only the CLI's own status line counts; the status message after it quotes the job's logs.
+    """
+    text = _ANSI.sub("", output).split("Status message:")[0]
+    quoted = re.escape(f"'{job_id}'")
+    match = re.search(rf"Status for job {quoted}: ([A-Z]+)", text)
+    if match:
+        return match.group(1) if match.group(1) in STATES else "UNKNOWN"
+    match = re.search(rf"Job {quoted} (succeeded|failed|was stopped)\b", text)
+    return _TERMINAL_WORDS[match.group(1)] if match else "UNKNOWN"
 
 
 def _ray(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -136,7 +147,7 @@ def submit(address: str, runtime_env: str | None, job_id: str, command: list[str
 def status(address: str, job_id: str) -> str:
     """``ray job status``: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED or UNKNOWN."""
     out = _ray(["job", "status", "--address", address, job_id])
-    return parse_status(out.stdout + out.stderr)
+    return parse_status(out.stdout + out.stderr, job_id)
 
 
 def start_job(address: str, runtime_env: str | None, month: tuple[str, date, date], overrides: list[str]) -> tuple[Job, bool]:
@@ -185,8 +196,8 @@ def report(states: dict[Job, str]) -> int:
     for job, state in sorted(states.items(), key=lambda kv: (kv[0].region, kv[0].month)):
         print(f"{state:9s} {job.region} {job.month} {job.submission_id}")
     failed = [job for job, state in states.items() if state != "SUCCEEDED"]
-    print(f"backfill: {len(states) - len(failed)}/{len(states)} month(s) succeeded"
-          + (f"; see `ray job logs <id>` for {', '.join(f'{j.region} {j.month}' for j in failed)}" if failed else ""))
+    listed = ", ".join(f"{j.region} {j.month} ({states[j]})" for j in failed)
+    print(f"backfill: {len(states) - len(failed)}/{len(states)} month(s) succeeded" + (f"; not: {listed}" if failed else ""))
     return 1 if failed else 0
 
 
