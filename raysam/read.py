@@ -1,10 +1,25 @@
 """Chip reads: windowed, reprojected reads straight from the COGs, and radiometric scaling.
 
 :func:`read_chip` turns one :class:`~raysam.grid.ChipTask` into a SAM-ready RGB uint8 chip plus
-valid and cloud masks. Every band of every item is warped on the fly (``rasterio.vrt.WarpedVRT``)
-onto the chip's own pixel grid on the target grid: bilinear for reflectance bands (20 m bands
-are upsampled), nearest for the categorical SCL, nodata 0. Items are mosaicked first valid
-wins, in the order the date group lists them; pixels outside the AOI become nodata.
+valid and cloud masks. Every band of every item is put onto the chip's own pixel grid on the
+target grid: bilinear for reflectance bands (20 m bands are upsampled), nearest for the
+categorical SCL, nodata 0. Items are mosaicked first valid wins, in the order the date group
+lists them; pixels outside the AOI become nodata. :func:`read_band_dn` gives one band's DN
+mosaic the same way (for the s2_raster sink).
+
+Two ways onto the chip grid, with identical results where both apply:
+
+* *aligned* (fast): the source is in the grid CRS, north-up, its pixel size an integer
+  multiple k of the grid's and its origin on the grid's lattice; then a plain windowed read
+  gives the pixels (k = 1, any of nearest/bilinear, whose kernels are exact at pixel centres),
+  or a decimated native read repeated k times per axis (k > 1, nearest only: the 20 m SCL).
+  Each chip pixel centre lies strictly inside one source pixel, so there are no rounding ties.
+* *warped*: anything else (another UTM zone, bilinear upsampling of 20 m bands) goes through
+  ``rasterio.vrt.WarpedVRT``.
+
+Open datasets are kept in a small per-thread LRU cache keyed by the *unsigned* href (a signed
+URL changes when its token is refreshed); a read that fails with HTTP 403 drops the cached
+dataset, re-signs and reopens once.
 
 Scaling (the seed's ``band_names``/``band_scaling``/``band_offset``): reflectance =
 (DN + offset_dn) * scale, with the item's offset and scale unless overridden per band; then
@@ -16,7 +31,11 @@ per date group by :func:`compute_stretch`, never per chip.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +48,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.features import geometry_mask
 from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
 
 from raysam.errors import ConfigError, DataError
 from raysam.grid import BandRead, ChipTask, DateGroup, ItemRead, item_read
@@ -40,8 +60,20 @@ DEFAULT_CLOUD_CLASSES = (3, 8, 9, 10)
 DEFAULT_MAX_CLOUD_FRACTION = 0.8  # raysam.config.ChipConfig.max_cloud_fraction default
 SCL = "SCL"
 MAX_REASON_CHARS = 200
+# Open datasets kept per thread: a date group's 2-4 items x 4-5 bands, with room for two groups.
+DEFAULT_DATASET_CACHE_SIZE = 32
+ALIGN_TOL_PX = 1e-6  # grid offsets within this many pixels of an integer count as aligned
+# Warps must not depend on the chip window, or overlapping chips (and the s2_raster sink's
+# larger windows) see different pixels: GDAL scales the kernel by each chunk's dst/src size
+# ratio, which a rotated source window makes < 1 (pin it to 1: we only upsample), and its
+# approximate transformer's 0.125 px default error moves samples by window (0.001 px costs
+# ~15 % more warp time; measured in tests/test_read.py: overlapping warped chips agree to 1 DN).
+WARP_TOLERANCE_PX = 0.001
+WARP_WINDOW_INDEPENDENT = {"XSCALE": "1", "YSCALE": "1"}
 
 Signer = Callable[[str], str]
+Box = tuple[slice, slice]  # (rows, cols) of a chip: the part of it an item is read for
+BandReader = Callable[[str, BandRead, Resampling, Box], np.ndarray]  # -> DN of the box
 
 
 def gdal_env_options() -> dict[str, Any]:
@@ -129,7 +161,8 @@ class SkippedChip:
 def read_chip(task: ChipTask, signer: Signer | None = None,
               scaling: ScalingSpec | None = None,
               cloud_classes: Sequence[int] = DEFAULT_CLOUD_CLASSES,
-              max_cloud_fraction: float = DEFAULT_MAX_CLOUD_FRACTION) -> ChipPixels | SkippedChip:
+              max_cloud_fraction: float = DEFAULT_MAX_CLOUD_FRACTION,
+              fast_path: bool = True) -> ChipPixels | SkippedChip:
     """Read, mosaic, mask and scale one chip.
 
     Args:
@@ -140,6 +173,8 @@ def read_chip(task: ChipTask, signer: Signer | None = None,
         cloud_classes: SCL classes counted as cloud.
         max_cloud_fraction: skip the chip if more than this fraction of its valid pixels is
             cloud.
+        fast_path: read aligned sources with plain windowed reads (same pixels as warping);
+            False warps every band (for comparisons).
 
     Returns:
         ChipPixels, or SkippedChip for a chip with no valid pixels or too much cloud.
@@ -153,7 +188,8 @@ def read_chip(task: ChipTask, signer: Signer | None = None,
         return SkippedChip(task.date_group_id, task.chip_id, "no valid pixels",
                            {"valid_fraction": 0.0})
     with rasterio.Env(**gdal_env_options()):
-        refl, valid, scl, used = _mosaic(task, scaling, in_aoi, signer)
+        refl, valid, scl, used = _mosaic(task, scaling, in_aoi, _band_reader(task, signer,
+                                                                             fast_path))
     cloud = valid & np.isin(scl, np.asarray(cloud_classes, dtype=np.uint8))
     stats = _chip_stats(valid, cloud, used)
     reason = _skip_reason(stats, max_cloud_fraction)
@@ -176,44 +212,117 @@ def aoi_mask(task: ChipTask) -> np.ndarray:
                          transform=Affine(*task.chip_transform), invert=True)
 
 
+def read_band_dn(task: ChipTask, band_id: str, signer: Signer | None = None,
+                 resampling: Resampling = Resampling.bilinear,
+                 fast_path: bool = True) -> tuple[np.ndarray, BandRead]:
+    """One band's DN on the chip window, mosaicked first valid wins over the task's items.
+
+    Args:
+        task: the chip (any window size) and its items in priority order.
+        band_id: band id or alias (``B04``, ``R``, ``SCL``).
+        signer: href signer, as for :func:`read_chip`.
+        resampling: onto the chip grid; nearest for categorical bands (SCL).
+        fast_path: as for :func:`read_chip`.
+
+    Returns:
+        (DN (H, W) in the asset's dtype, 0 where no item has data; the BandRead of the first
+        item that has the band, for its scale and offset). The AOI is not applied.
+
+    Raises:
+        DataError: no item of the task has the band, or an asset cannot be read.
+    """
+    band_id = canonical_band(band_id)
+    items = [item for item in task.items if item.band(band_id) is not None]
+    if not items:
+        raise DataError(f"chip task {task.chip_id} of {task.date_group_id} has no item with band "
+                        f"{band_id}; plan chip tasks with the bands you read")
+    _, _, width, height = task.window_px
+    dn = None
+    read = _band_reader(task, signer, fast_path)
+
+    def read_item(item: ItemRead, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        band = item.band(band_id)
+        item_dn = read(item.item_id, band, resampling, box)
+        return item_dn, _has_data(item_dn, band)
+
+    with rasterio.Env(**gdal_env_options()):
+        wanted = np.ones((height, width), bool)
+        for _, item_dn, take, box in _first_valid(items, read_item, wanted):
+            dn = np.zeros(wanted.shape, item_dn.dtype) if dn is None else dn
+            np.copyto(dn[box], item_dn, where=take)
+    return (dn if dn is not None else np.zeros((height, width), np.uint16)), items[0].band(band_id)
+
+
+def _first_valid(items: Sequence[ItemRead],
+                 read_item: Callable[[ItemRead, Box], tuple[np.ndarray, np.ndarray]],
+                 wanted: np.ndarray) -> Iterator[tuple[ItemRead, np.ndarray, np.ndarray, Box]]:
+    """First-valid-wins mosaicking: yield (item, data, pixels it fills, box) in priority order.
+
+    Each item is read only over the bounding box of the wanted pixels no earlier item filled
+    (``read_item(item, box)`` returns its data there and where it is valid); ``take`` (box
+    shape) marks the pixels it fills. Stops once every wanted pixel is filled; items filling
+    nothing are not yielded. Reads are window independent (aligned reads, pinned warps), so a
+    box gives the same pixels as the whole chip.
+    """
+    remaining = wanted.copy()
+    for item in items:
+        if not remaining.any():
+            return
+        box = _bounding_box(remaining)
+        data, item_valid = read_item(item, box)
+        take = item_valid & remaining[box]
+        if take.any():
+            remaining[box] &= ~take
+            yield item, data, take, box
+
+
+def _bounding_box(mask: np.ndarray) -> Box:
+    """(rows, cols) slices of the smallest box holding every True pixel of a non-empty mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
 def _mosaic(task: ChipTask, scaling: ScalingSpec, in_aoi: np.ndarray,
-            signer: Signer | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+            read: BandReader) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """First-valid-wins mosaic over the task's items: reflectance (3, H, W), valid, SCL, items."""
     shape = in_aoi.shape
     refl = np.zeros((3, *shape), dtype=np.float32)
     valid = np.zeros(shape, dtype=bool)
     scl = np.zeros(shape, dtype=np.uint8)
     used = 0
-    for item in task.items:
-        if valid.sum() == in_aoi.sum():
-            break
-        item_refl, item_valid = _read_item_rgb(item, task, scaling, signer)
-        take = item_valid & in_aoi & ~valid
-        if not take.any():
-            continue
+
+    def read_item(item: ItemRead, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        return _read_item_rgb(item, scaling, read, box)
+
+    for item, item_refl, take, box in _first_valid(task.items, read_item, in_aoi):
         used += 1
-        refl[:, take] = item_refl[:, take]
-        valid |= take
+        np.copyto(refl[(slice(None), *box)], item_refl, where=take)
+        valid[box] |= take
         if item.band(SCL) is not None:
-            scl[take] = _read_band(item.item_id, item.band(SCL), task, signer,
-                                   Resampling.nearest)[take]
+            np.copyto(scl[box], read(item.item_id, item.band(SCL), Resampling.nearest, box),
+                      where=take, casting="unsafe")
     return refl, valid, scl, used
 
 
-def _read_item_rgb(item: ItemRead, task: ChipTask, scaling: ScalingSpec,
-                   signer: Signer | None) -> tuple[np.ndarray, np.ndarray]:
-    """Reflectance (3, H, W) of one item's RGB bands and where all three have data."""
+def _read_item_rgb(item: ItemRead, scaling: ScalingSpec, read: BandReader,
+                   box: Box) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectance (3, h, w) of one item's RGB bands over a box and where all three have data."""
     layers, valid = [], None
     for i, band_id in enumerate(scaling.band_ids):
         band = item.band(band_id)
         if band is None:
             raise DataError(f"chip task for item {item.item_id} lacks band {band_id}; plan "
                             f"chip tasks with bands {list(scaling.band_names)} + SCL")
-        dn = _read_band(item.item_id, band, task, signer, Resampling.bilinear)
-        has_data = dn != band.nodata if band.nodata is not None else np.ones(dn.shape, bool)
+        dn = read(item.item_id, band, Resampling.bilinear, box)
+        has_data = _has_data(dn, band)
         valid = has_data if valid is None else valid & has_data
         layers.append(reflectance(dn, *_band_scale(band, scaling, i)))
     return np.stack(layers), valid
+
+
+def _has_data(dn: np.ndarray, band: BandRead) -> np.ndarray:
+    """Bool: DN differs from the band's nodata (all True without nodata)."""
+    return dn != band.nodata if band.nodata is not None else np.ones(dn.shape, bool)
 
 
 def _band_scale(band: BandRead, scaling: ScalingSpec, index: int) -> tuple[float, float]:
@@ -225,7 +334,10 @@ def _band_scale(band: BandRead, scaling: ScalingSpec, index: int) -> tuple[float
 
 def reflectance(dn: np.ndarray, offset_dn: float, scale: float) -> np.ndarray:
     """(DN + offset_dn) * scale as float32."""
-    return ((dn.astype(np.float32) + np.float32(offset_dn)) * np.float32(scale)).astype(np.float32)
+    out = dn.astype(np.float32)
+    out += np.float32(offset_dn)
+    out *= np.float32(scale)
+    return out
 
 
 def to_uint8(refl: np.ndarray, scaling: ScalingSpec) -> np.ndarray:
@@ -260,45 +372,226 @@ def _skip_reason(stats: dict[str, float], max_cloud_fraction: float) -> str | No
     return None
 
 
+def _band_reader(task: ChipTask, signer: Signer | None, fast_path: bool) -> BandReader:
+    """A ``(item_id, band, resampling, box) -> DN`` reader onto a box of this task's chip."""
+    col_off, row_off, _, _ = task.window_px
+
+    def read(item_id: str, band: BandRead, resampling: Resampling, box: Box) -> np.ndarray:
+        rows, cols = box
+        window_px = (col_off + cols.start, row_off + rows.start, cols.stop - cols.start,
+                     rows.stop - rows.start)
+        return _read_band(item_id, band, replace(task, window_px=window_px), signer,
+                          resampling, fast_path)
+
+    return read
+
+
 def _read_band(item_id: str, band: BandRead, task: ChipTask, signer: Signer | None,
-               resampling: Resampling) -> np.ndarray:
-    """One band warped onto the chip grid; 403 -> re-sign once; failures -> DataError."""
+               resampling: Resampling, fast_path: bool = True) -> np.ndarray:
+    """One band on the chip grid (aligned read or warp); 403 -> re-sign once; -> DataError."""
+    def read(src: rasterio.DatasetReader) -> np.ndarray:
+        index = _aligned_index(src, band, task, resampling) if fast_path else None
+        if index is not None:
+            return _read_aligned(src, band, *index)
+        return _warp(src, band, task, resampling)
+
+    return _with_signed_href(item_id, band, signer, read)
+
+
+def _warp(src: rasterio.DatasetReader, band: BandRead, task: ChipTask,
+          resampling: Resampling) -> np.ndarray:
+    """Band 1 of ``src`` through a WarpedVRT onto the chip grid."""
     _, _, width, height = task.window_px
-    vrt_args = {"crs": task.crs, "transform": Affine(*task.chip_transform), "width": width,
-                "height": height, "resampling": resampling, "nodata": band.nodata}
-    return _with_signed_href(item_id, band, signer, lambda src: _warp(src, band, vrt_args))
-
-
-def _warp(src: rasterio.DatasetReader, band: BandRead, vrt_args: dict[str, Any]) -> np.ndarray:
-    """Read band 1 of ``src`` through a WarpedVRT with ``vrt_args``."""
     src_nodata = src.nodata if src.nodata is not None else band.nodata
-    with WarpedVRT(src, src_nodata=src_nodata, **vrt_args) as vrt:
+    with WarpedVRT(src, src_nodata=src_nodata, crs=task.crs,
+                   transform=Affine(*task.chip_transform), width=width, height=height,
+                   resampling=resampling, nodata=band.nodata, tolerance=WARP_TOLERANCE_PX,
+                   **WARP_WINDOW_INDEPENDENT) as vrt:
         return vrt.read(1)
+
+
+def _aligned_index(src: rasterio.DatasetReader, band: BandRead, task: ChipTask,
+                   resampling: Resampling) -> tuple[np.ndarray, np.ndarray] | None:
+    """Source (rows, cols) holding each chip pixel's centre, or None if the warp is needed.
+
+    Aligned means: same CRS, both north-up, source pixel = k x chip pixel (integer k, square),
+    source origin on the chip lattice, nodata as the warp would see it, and a resampling that
+    is exact at pixel centres (nearest; bilinear only for k = 1). Then chip pixel i (offset n
+    chip pixels from the source origin) has its centre at source coordinate (n + i + 0.5) / k,
+    never on a source pixel edge, so the pixel is source index (n + i) // k.
+    """
+    src_nodata = src.nodata if src.nodata is not None else band.nodata
+    if band.nodata is None or src_nodata != band.nodata or src.crs is None:
+        return None
+    a, b, c, d, e, f = task.chip_transform
+    sa, sb, sc, sd, se, sf = tuple(src.transform)[:6]
+    if b or d or sb or sd or a <= 0 or sa <= 0 or e != -a or se != -sa:
+        return None
+    k = _integer(sa / a)
+    col_n, row_n = _integer((c - sc) / a), _integer((sf - f) / a)
+    if k is None or col_n is None or row_n is None or k < 1:
+        return None
+    if not (resampling == Resampling.nearest or (k == 1 and resampling == Resampling.bilinear)):
+        return None
+    if src.crs.to_epsg() != task.epsg:
+        return None
+    _, _, width, height = task.window_px
+    return (row_n + np.arange(height)) // k, (col_n + np.arange(width)) // k
+
+
+def _integer(value: float) -> int | None:
+    """``value`` as an int if it is within ALIGN_TOL_PX of one, else None."""
+    nearest = round(value)
+    return int(nearest) if abs(value - nearest) <= ALIGN_TOL_PX else None
+
+
+def _read_aligned(src: rasterio.DatasetReader, band: BandRead, rows: np.ndarray,
+                  cols: np.ndarray) -> np.ndarray:
+    """Chip pixels from source indices (rows, cols): one windowed read, nodata outside."""
+    out = np.full((rows.size, cols.size), band.nodata, dtype=src.dtypes[0])
+    row_ok = (rows >= 0) & (rows < src.height)
+    col_ok = (cols >= 0) & (cols < src.width)
+    if not row_ok.any() or not col_ok.any():
+        return out
+    r0, r1 = int(rows[row_ok][0]), int(rows[row_ok][-1]) + 1
+    c0, c1 = int(cols[col_ok][0]), int(cols[col_ok][-1]) + 1
+    data = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+    i0, i1 = np.flatnonzero(row_ok)[[0, -1]]
+    j0, j1 = np.flatnonzero(col_ok)[[0, -1]]
+    if r1 - r0 == i1 - i0 + 1 and c1 - c0 == j1 - j0 + 1:  # k = 1: the read is the chip part
+        out[i0:i1 + 1, j0:j1 + 1] = data
+    else:
+        out[i0:i1 + 1, j0:j1 + 1] = data[rows[row_ok] - r0][:, cols[col_ok] - c0]
+    return out
 
 
 def _with_signed_href(item_id: str, band: BandRead, signer: Signer | None,
                       fn: Callable[[rasterio.DatasetReader], Any]) -> Any:
-    """Open the band's (signed) href and apply ``fn``; re-sign once on HTTP 403."""
-    href = signer(band.href) if signer else band.href
+    """Apply ``fn`` to the band's open dataset (cached); re-sign and reopen once on HTTP 403.
+
+    A block read from a dataset opened earlier fails with no status code in the error (GDAL
+    only logs the 403), so any failure of a cached dataset also counts as a possible expiry.
+    """
+    href = None  # None: the cached dataset, or the signer's href
+    was_cached = _DATASETS.holds(band.href)
     tries = 0
     while True:
         tries += 1
         try:
-            with rasterio.open(href) as src:
+            with _DATASETS.dataset(band.href, href or (signer or _unsigned),
+                                   fresh=href is not None) as src:
                 return fn(src)
         except (RasterioError, OSError) as err:
             resign = getattr(signer, "resign", None)
-            if tries == 1 and resign is not None and _is_forbidden(err):
+            if tries == 1 and resign is not None and (was_cached or _is_forbidden(err)):
                 href = resign(band.href)
                 continue
             raise DataError(f"item {item_id} asset {band.key}: cannot read {band.href}: "
                             f"{_reason(err)} (after {tries} tries)") from None
 
 
-def _is_forbidden(err: Exception) -> bool:
-    """True if a GDAL error is an HTTP 403 (expired or missing SAS token)."""
-    text = str(err)
-    return "403" in text or "Forbidden" in text
+def _unsigned(href: str) -> str:
+    """The identity signer."""
+    return href
+
+
+class _DatasetCache(threading.local):
+    """Open rasterio datasets per thread, least recently used first out.
+
+    Keyed by the unsigned href (plus size and mtime for local files, so a rewritten file is
+    reopened); the dataset keeps the signed URL it was opened with until a read fails.
+    """
+
+    def __init__(self) -> None:
+        self.max_open = DEFAULT_DATASET_CACHE_SIZE
+        self.open: OrderedDict[tuple, rasterio.DatasetReader] = OrderedDict()
+
+    @contextmanager
+    def dataset(self, href: str, signed: str | Signer,
+                fresh: bool = False) -> Iterator[rasterio.DatasetReader]:
+        """The dataset for ``href``: cached, or opened at ``signed`` (a URL or a signer).
+
+        ``fresh`` drops any cached one first. A failed read drops it too.
+        """
+        key = _cache_key(href)
+        if fresh:
+            self.drop(key)
+        src = self.open.pop(key, None)
+        if src is None:
+            src = rasterio.open(signed if isinstance(signed, str) else signed(href))
+        try:
+            yield src
+        except BaseException:
+            src.close()
+            raise
+        self._keep(key, src)
+
+    def holds(self, href: str) -> bool:
+        """True if a dataset for ``href`` is open in the cache."""
+        return _cache_key(href) in self.open
+
+    def _keep(self, key: tuple, src: rasterio.DatasetReader) -> None:
+        """Put ``src`` back as most recent; close the oldest beyond ``max_open``."""
+        self.open[key] = src
+        self.trim()
+
+    def trim(self) -> None:
+        """Close the least recently used datasets beyond ``max_open``."""
+        while len(self.open) > self.max_open:
+            self.open.popitem(last=False)[1].close()
+
+    def drop(self, key: tuple) -> None:
+        """Close and forget one dataset."""
+        src = self.open.pop(key, None)
+        if src is not None:
+            src.close()
+
+    def clear(self) -> None:
+        """Close every dataset."""
+        while self.open:
+            self.open.popitem()[1].close()
+
+
+def _cache_key(href: str) -> tuple:
+    """Cache key: the href, plus (size, mtime) for a local file."""
+    if "://" in href or href.startswith("/vsi"):
+        return (href,)
+    try:
+        stat = os.stat(href)
+    except OSError:
+        return (href,)
+    return (href, stat.st_size, stat.st_mtime_ns)
+
+
+_DATASETS = _DatasetCache()
+
+
+def set_dataset_cache_size(max_open: int) -> None:
+    """Keep at most ``max_open`` datasets open in this thread (0: close each after its read)."""
+    if max_open < 0:
+        raise ConfigError(f"dataset cache size {max_open} must be >= 0; e.g. 32")
+    _DATASETS.max_open = max_open
+    _DATASETS.trim()
+
+
+def clear_dataset_cache() -> None:
+    """Close this thread's cached datasets (e.g. before deleting the files)."""
+    _DATASETS.clear()
+
+
+def _is_forbidden(err: BaseException | None) -> bool:
+    """True if a GDAL error, or one it was raised from, is an HTTP 403 (expired SAS token).
+
+    A failed open says so itself; a failed block read says ``Read failed`` and chains the
+    ``response_code=403`` error.
+    """
+    seen = 0
+    while err is not None and seen < 8:
+        text = str(err)
+        if "403" in text or "Forbidden" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _reason(err: Exception) -> str:

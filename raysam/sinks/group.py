@@ -40,6 +40,7 @@ class GroupSinkSpec:
     fingerprint: str
     run_key: str
     manifest_base: dict = field(default_factory=dict)
+    signer: Any = None  # signs asset hrefs for the s2_raster reads (raysam.stac.make_href_signer)
 
 
 class GroupWriter:
@@ -101,7 +102,7 @@ class GroupWriter:
         s2_dir = None
         if "s2_raster" in self.spec.sinks:
             s2_dir = self.staging / "s2"
-            write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir)
+            write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir, self.spec.signer)
         if "quicklook" in self.spec.sinks:
             write_quicklook(self.staging / "labels.tif", s2_dir, self.staging / "quicklook.png")
         manifest = {
