@@ -165,7 +165,7 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     """Run the pipeline over the incomplete date groups and write their sinks."""
     import ray
 
-    from raysam.pipeline import STATS_ACTOR, RunStats, decide_unresolved, merged_records, model_source_for, sam_records
+    from raysam.pipeline import STATS_ACTOR, RunStats, merged_records, model_source_for, resolve_unresolved, sam_records
     from raysam.sinks.group import GroupSinkSpec, GroupWriter
     from raysam.stac import make_href_signer
 
@@ -189,12 +189,12 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
                                   g.group.grid.width) for g in todo}
     groups = {g.group.id: g.group for g in todo}
     records_ds = sam_records(groups, cfg, scaling, model_source_for(cfg, prepared.model_dir))
-    ds = merged_records(records_ds, cfg.merge, grids).materialize()
-    decided = decide_unresolved(ds, records_ds, cfg.merge, grids)
+    ds = merged_records(records_ds, cfg.merge, grids)
+    unresolved: dict[str, list[pa.Table]] = {}
     base = manifest_base(cfg, prepared)
     specs = {
         g.group.id: GroupSinkSpec(g.group, g.out_dir, cfg.output.sinks, cfg.output.s2_bands,
-                                  plan.fingerprint, plan.run_key, base)
+                                  plan.fingerprint, plan.run_key, base, signer)
         for g in todo
     }
     writers: dict[str, GroupWriter] = {}
@@ -203,6 +203,10 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     def finish(group_id: str) -> None:
         writer = writers.pop(group_id, None) or GroupWriter(specs[group_id], prepared.root)
         finished.add(group_id)
+        if unresolved.get(group_id):  # rare: decide them exactly, then write the kept ones
+            pending = pa.concat_tables(unresolved.pop(group_id))
+            kept = resolve_unresolved(records_ds, group_id, pending.column("uid").to_pylist(), cfg.merge, grids[group_id])
+            writer.add(pending.filter(pc.is_in(pending.column("uid"), value_set=pa.array(sorted(kept), pa.string()))))
         counts = ray.get(stats.summary.remote(group_id))
         elapsed = time.perf_counter() - t0
         counts["chips_per_s"] = counts["chips_read"] / elapsed if elapsed else 0.0
@@ -215,13 +219,17 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
 
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048):
         table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        table = table.filter(pc.or_(pc.equal(table.column("status"), "kept"), pc.is_in(table.column("uid"), value_set=decided)))
         for group_id in pc.unique(table.column("date_group_id")).to_pylist():
             for done in [gid for gid in writers if gid < group_id]:
                 finish(done)
             if group_id not in writers:
                 writers[group_id] = GroupWriter(specs[group_id], prepared.root)
-            writers[group_id].add(table.filter(pc.equal(table.column("date_group_id"), group_id)))
+            rows = table.filter(pc.equal(table.column("date_group_id"), group_id))
+            is_kept = pc.equal(rows.column("status"), "kept")
+            writers[group_id].add(rows.filter(is_kept))
+            pending = rows.filter(pc.invert(is_kept))
+            if pending.num_rows:
+                unresolved.setdefault(group_id, []).append(pending)
     for group_id in sorted(set(specs) - finished):  # the rest, including groups without masks
         finish(group_id)
     metrics["pipeline_s"] = time.perf_counter() - t0

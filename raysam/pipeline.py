@@ -8,6 +8,7 @@ never cross an operator: the SAM stage emits bit-packed mask crops (MaskRecord r
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 from dataclasses import asdict
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import ray
 
 from raysam import records
@@ -77,15 +77,22 @@ def plan_stage(batch: dict[str, np.ndarray], groups: dict, bands: tuple[str, ...
     return {"task": tasks}
 
 
+@functools.lru_cache(maxsize=4)
+def _signer(stac_cfg: Any) -> Any:
+    """One href signer per worker process, so signed tokens are reused across chips."""
+    from raysam.stac import make_href_signer
+
+    return make_href_signer(stac_cfg)
+
+
 def read_stage(batch: dict[str, np.ndarray], scaling: dict, signer_cfg: Any, max_cloud_fraction: float) -> dict:
     """Chip tasks -> chip pixels (RGB uint8 + valid mask); skipped chips are counted, not emitted."""
     import time
 
     from raysam.read import read_chip
-    from raysam.stac import make_href_signer
 
     stats = ray.get_actor(STATS_ACTOR)
-    signer = make_href_signer(signer_cfg)
+    signer = _signer(signer_cfg)
     out: dict[str, list] = {"task": [], "rgb": [], "valid_bits": []}
     for blob in batch["task"]:
         task = pickle.loads(blob)
@@ -177,44 +184,42 @@ def sam_records(groups: dict, cfg: RunConfig, scaling: dict, model_source: recor
 
 
 def merged_records(mask_records: ray.data.Dataset, merge: MergeConfig, grids: dict[str, records.GridInfo]) -> ray.data.Dataset:
-    """The spatial reduce: replicate records into merge cells, merge each cell, sort by group and uid."""
+    """The spatial reduce: replicate records into merge cells, merge each cell, sort by group and uid.
+
+    Rows come back with ``status`` ``kept`` or ``unresolved`` (see :func:`resolve_unresolved`).
+    """
     ctx = ray.data.DataContext.get_current()
-    # The reduce groups rows by (date group, cell) with a hash shuffle: pinned, not left to defaults.
+    # The reduce groups rows by (date group, cell) with a hash shuffle: pinned, not left to defaults,
+    # with as many partitions as there are cells (capped), not Ray's default 200.
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
+    n_cells = sum(g.n_cells for g in grids.values())
     merge_params = {"mask_nms_thr": merge.mask_nms_thr, "iou_mode": merge.iou_mode}
     ds = mask_records.map_batches(records.expand_to_cells, batch_format="numpy", fn_kwargs={"grids": grids})
-    ds = ds.groupby(["date_group_id", "cell_row", "cell_col"]).map_groups(
+    ds = ds.groupby(["date_group_id", "cell_row", "cell_col"], num_partitions=max(1, min(n_cells, 64))).map_groups(
         records.merge_cell_batch, batch_format="numpy", fn_kwargs={"merge_params": merge_params, "grids": grids}
     )
     return ds.sort(["date_group_id", "uid"])
 
 
-def decide_unresolved(merged: Any, records_ds: Any, merge: Any, grids: dict) -> pa.Array:
-    """Uids kept among records whose merge component outgrew their cell's halo (rare).
+def resolve_unresolved(mask_records: ray.data.Dataset, group_id: str, pending_uids: list[str], merge: MergeConfig,
+                       grid: records.GridInfo) -> set[str]:
+    """Which of a date group's ``unresolved`` records the merge keeps (rare: long link chains).
 
-    Such records are decided by one global merge of their date group on the driver, which
-    :mod:`raysam.merge` proves equal to the grouped merge.
+    Reads the group's records back from the materialised dataset and widens the halo until the
+    decisions are exact (:func:`raysam.merge.resolve_pending`).
     """
     from ray.data.expressions import col
 
-    from raysam.merge import MaskTable, merge_masks
+    from raysam.merge import MaskTable, resolve_pending
 
-    pending = merged.filter(expr=col("status") == "unresolved").select_columns(["date_group_id", "uid"]).take_all()
-    if not pending:
-        return pa.array([], pa.string())
-    kept: list[str] = []
-    for group_id in sorted({p["date_group_id"] for p in pending}):
-        log.warning("date group %s: merge chains outgrew the halo; merging it globally on the driver", group_id)
-        rows = records_ds.filter(expr=col("date_group_id") == group_id).to_pandas()
-        batch = {c: rows[c].to_numpy() for c in rows.columns}
-        batch["mask_bits"] = [np.frombuffer(b, np.uint8).reshape(int(bx[3] - bx[1] + 1), -1)
-                              for b, bx in zip(batch["mask_bits"], batch["box_xyxy"])]
-        table = MaskTable.from_batch(batch)
-        grid = grids[group_id]
-        keep = merge_masks(table, merge.mask_nms_thr, merge.iou_mode, grid_hw_px=(grid.height, grid.width))
-        wanted = {p["uid"] for p in pending if p["date_group_id"] == group_id}
-        kept += [u for u in table.mask_uid[keep].tolist() if u in wanted]
-    return pa.array(kept, pa.string())
+    log.warning("date group %s: %d merge decisions outgrew the halo; widening it", group_id, len(pending_uids))
+    rows = mask_records.filter(expr=col("date_group_id") == group_id).to_pandas()
+    batch = {c: rows[c].to_numpy() for c in rows.columns}
+    batch["mask_bits"] = [np.frombuffer(b, np.uint8).reshape(int(bx[3] - bx[1] + 1), -1)
+                          for b, bx in zip(batch["mask_bits"], batch["box_xyxy"], strict=True)]
+    kept = resolve_pending(MaskTable.from_batch(batch), np.asarray(pending_uids), grid.cell_px, grid.chip_px,
+                           (grid.height, grid.width), mask_nms_thr=merge.mask_nms_thr, iou_mode=merge.iou_mode)
+    return {str(u) for u in kept}
 
 
 def model_source_for(cfg: RunConfig, model_dir: Path) -> records.ModelSource:

@@ -151,6 +151,10 @@ class GridInfo:
     def cell_px(self) -> int:
         return CELL_CHIPS * self.chip_px
 
+    @property
+    def n_cells(self) -> int:
+        return -(-self.height // self.cell_px) * -(-self.width // self.cell_px)
+
 
 def expand_to_cells(batch: dict[str, np.ndarray], grids: dict[str, GridInfo]) -> dict[str, np.ndarray]:
     """Replicate each MaskRecord into the merge cells whose region (cell + halo) its box meets."""

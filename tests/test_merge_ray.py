@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import ray
 
 from raysam.config import MergeConfig
 from raysam.merge import MaskTable, merge_masks
-from raysam.pipeline import decide_unresolved, merged_records
+from raysam.pipeline import merged_records, resolve_unresolved
 from raysam.records import GridInfo, pack_crop
 from tests.test_merge import chain_records, make_scene, single_chip_table
 
@@ -59,15 +60,17 @@ def test_ray_grouped_merge_equals_global_merge_per_date_group(ray_local, iou_mod
              for gid, (_, hw) in groups.items()}
     merge = MergeConfig(mask_nms_thr=0.5, iou_mode=iou_mode)
     records_ds = ray.data.from_items(rows, override_num_blocks=8).materialize()
-    merged = merged_records(records_ds, merge, grids).materialize()
-    decided = decide_unresolved(merged, records_ds, merge, grids)
-    out = merged.to_arrow_refs()
-    table = ray.get(out[0]) if len(out) == 1 else __import__("pyarrow").concat_tables(ray.get(out))
-    assert pc.sum(pc.equal(table.column("status"), "unresolved")).as_py() > 0  # the chain needed the wider pass
-    kept = table.filter(pc.or_(pc.equal(table.column("status"), "kept"), pc.is_in(table.column("uid"), value_set=decided)))
+    table = pa.concat_tables(ray.get(merged_records(records_ds, merge, grids).to_arrow_refs()))
+    pending = table.filter(pc.equal(table.column("status"), "unresolved"))
+    assert pending.num_rows > 0  # the chain needed the wider pass
     for gid, (t, hw) in groups.items():
+        rows = table.filter(pc.equal(table.column("date_group_id"), gid))
+        uids = rows.filter(pc.equal(rows.column("status"), "unresolved")).column("uid").to_pylist()
+        decided = sorted(resolve_unresolved(records_ds, gid, uids, merge, grids[gid])) if uids else []
+        kept = rows.filter(pc.or_(pc.equal(rows.column("status"), "kept"),
+                                  pc.is_in(rows.column("uid"), value_set=pa.array(decided, pa.string()))))
         expected = {f"{u:06d}" for u in t.mask_uid[merge_masks(t, 0.5, iou_mode, grid_hw_px=hw)].tolist()}
-        got = kept.filter(pc.equal(kept.column("date_group_id"), gid)).column("uid").to_pylist()
+        got = kept.column("uid").to_pylist()
         assert len(got) == len(set(got)), "a record was emitted by two cells"
         assert set(got) == expected
     uids = table.column("uid").to_pylist()
