@@ -21,7 +21,7 @@ def raysam(tmp_path: Path, demo_catalog, *args: str, flags: tuple[str, ...] = ()
     base = [f"stac.demo_root={demo_catalog.root.parent}", f"model.path={demo_catalog.root.parent / 'models' / 'demo'}",
             f"hydra.run.dir={tmp_path / 'hydra'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     return subprocess.run(
-        [sys.executable, "-m", "raysam.run", *args, *base, *flags], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "raysam.run", *base, *args, *flags], cwd=tmp_path, capture_output=True, text=True,
         timeout=900, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
