@@ -25,7 +25,7 @@ from raysam.download import Checkpoint, download_checkpoint  # noqa: E402
 from raysam.errors import ConfigError, ModelError  # noqa: E402
 from raysam.export import export_sam  # noqa: E402
 from raysam.sam import contract  # noqa: E402
-from tests.tiny_sam import WEIGHTS_PATH, build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
+from tests.tiny_sam import build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
 
 ATOL = 1e-4
 
@@ -258,17 +258,3 @@ def test_download_reports_an_unreachable_url(tmp_path):
         download_checkpoint(Checkpoint(url, PAYLOAD_SHA256), tmp_path, retries=1, timeout_s=2)
     assert "\n" not in str(err.value)
 
-
-# ---- the fixture's guarantee -----------------------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not WEIGHTS_PATH.exists(), reason="tiny SAM not trained yet: run scripts/make_tiny_sam.py")
-def test_reference_generator_keeps_many_masks(tiny_sam):
-    from segment_anything import SamAutomaticMaskGenerator
-
-    generator = SamAutomaticMaskGenerator(tiny_sam, points_per_side=16, pred_iou_thresh=0.88,
-                                          stability_score_thresh=0.95, box_nms_thresh=0.7)
-    with torch.no_grad():
-        masks = generator.generate(load_tiny_image())
-    assert len(masks) >= 50
