@@ -232,5 +232,6 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
                 unresolved.setdefault(group_id, []).append(pending)
     for group_id in sorted(set(specs) - finished):  # the rest, including groups without masks
         finish(group_id)
+    ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh
     metrics["pipeline_s"] = time.perf_counter() - t0
     return metrics
