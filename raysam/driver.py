@@ -217,21 +217,25 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
         metrics["masks"] += manifest["counts"]["masks_after_merge"]
         log.info("date group %s: %d masks -> %s", group_id, manifest["counts"]["masks_after_merge"], specs[group_id].out_dir)
 
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048):
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        for group_id in pc.unique(table.column("date_group_id")).to_pylist():
-            for done in [gid for gid in writers if gid < group_id]:
-                finish(done)
-            if group_id not in writers:
-                writers[group_id] = GroupWriter(specs[group_id], prepared.root)
-            rows = table.filter(pc.equal(table.column("date_group_id"), group_id))
-            is_kept = pc.equal(rows.column("status"), "kept")
-            writers[group_id].add(rows.filter(is_kept))
-            pending = rows.filter(pc.invert(is_kept))
-            if pending.num_rows:
-                unresolved.setdefault(group_id, []).append(pending)
-    for group_id in sorted(set(specs) - finished):  # the rest, including groups without masks
-        finish(group_id)
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048):
+            table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+            for group_id in pc.unique(table.column("date_group_id")).to_pylist():
+                for done in [gid for gid in writers if gid < group_id]:
+                    finish(done)
+                if group_id not in writers:
+                    writers[group_id] = GroupWriter(specs[group_id], prepared.root)
+                rows = table.filter(pc.equal(table.column("date_group_id"), group_id))
+                is_kept = pc.equal(rows.column("status"), "kept")
+                writers[group_id].add(rows.filter(is_kept))
+                pending = rows.filter(pc.invert(is_kept))
+                if pending.num_rows:
+                    unresolved.setdefault(group_id, []).append(pending)
+        for group_id in sorted(set(specs) - finished):  # the rest, including groups without masks
+            finish(group_id)
+    finally:
+        for writer in writers.values():  # a failed run leaves no staging directories behind
+            writer.abort()
     ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh
     metrics["pipeline_s"] = time.perf_counter() - t0
     return metrics

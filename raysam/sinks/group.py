@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time as dtime
@@ -92,6 +93,11 @@ class GroupWriter:
         for batch in rows.to_batches():
             self.parquet.write(batch)
         self.count += n
+
+    def abort(self) -> None:
+        """Drop everything written so far (the published outputs are untouched)."""
+        self.parquet.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def close(self, counts: dict[str, Any], stage_seconds: dict[str, float]) -> dict[str, Any]:
         """Finish every sink, write manifest.json and publish the directory with its marker."""

@@ -103,3 +103,18 @@ def test_file_in_the_way_of_the_root_fails_before_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not writable"):
         OutputRoot.open(str(tmp_path / "file" / "out")).check_writable()
+
+
+def test_aborted_group_writer_leaves_nothing_behind(tmp_path):
+    from datetime import date
+
+    from raysam.grid import make_date_group
+    from raysam.sinks.group import GroupSinkSpec, GroupWriter
+
+    group = make_date_group("t", date(2024, 7, 1), (), shapely.box(-93.01, 41.0, -93.0, 41.01))
+    root = OutputRoot.open(str(tmp_path / "out"))
+    spec = GroupSinkSpec(group, root.path("t", "run", group.id), ("segmentation_mask",), (), "fp", "run")
+    writer = GroupWriter(spec, root)
+    assert list((tmp_path / "out" / "t" / "run").iterdir())  # the staging directory exists ...
+    writer.abort()
+    assert not list((tmp_path / "out" / "t" / "run").iterdir())  # ... and is gone, nothing published
