@@ -30,9 +30,9 @@ def raysam(tmp_path: Path, demo_catalog, *args: str, flags: tuple[str, ...] = ()
 def test_multirun_two_by_two_writes_four_complete_outputs(tmp_path, demo_catalog):
     out = tmp_path / "out"
     result = raysam(
-        tmp_path, demo_catalog, "-m", "region=demo", "model=demo", f"region.geometry='{SMALL_AOI}'", ONE_DATE,
+        tmp_path, demo_catalog, "region=demo", "model=demo", f"region.geometry='{SMALL_AOI}'", ONE_DATE,
         f"output.root={out}", "output.sinks=[segmentation_mask]", "sam.points_per_side=8,16",
-        "sam.pred_iou_thresh=0.8,0.88", "sam.points_per_batch=64",
+        "sam.pred_iou_thresh=0.8,0.88", "sam.points_per_batch=64", flags=("-m",),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(out.glob("demo/*"))

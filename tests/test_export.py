@@ -28,6 +28,9 @@ from raysam.sam import contract  # noqa: E402
 from tests.tiny_sam import build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
 
 ATOL = 1e-4
+RTOL = 1e-5
+# The fixture's mask logits span about 400 (steep edges): float32 rounding shows up at ~1e-6 of that.
+LOGIT_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def test_encoder_matches_torch(model_dir, tiny_sam, embeddings):
     normalised = tiny_sam.preprocess(image).numpy()
     (onnx_embeddings,) = _session(model_dir / contract.ENCODER_FILE).run(None, {"image": normalised})
     assert onnx_embeddings.shape == (1, 64, contract.EMBEDDING_SIDE, contract.EMBEDDING_SIDE)
-    np.testing.assert_allclose(onnx_embeddings, embeddings, atol=ATOL)
+    np.testing.assert_allclose(onnx_embeddings, embeddings, atol=ATOL, rtol=RTOL)
 
 
 def _torch_decoder(sam, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray, multimask: bool):
@@ -83,10 +86,10 @@ def test_decoder_matches_torch(model_dir, tiny_sam, embeddings, batch, points):
     assert iou.shape == (batch, 4)
     multi_masks, multi_iou = _torch_decoder(tiny_sam, embeddings, coords, labels, multimask=True)
     single_mask, single_iou = _torch_decoder(tiny_sam, embeddings, coords, labels, multimask=False)
-    np.testing.assert_allclose(low_res[:, 1:], multi_masks, atol=ATOL)
-    np.testing.assert_allclose(iou[:, 1:], multi_iou, atol=ATOL)
-    np.testing.assert_allclose(low_res[:, :1], single_mask, atol=ATOL)
-    np.testing.assert_allclose(iou[:, :1], single_iou, atol=ATOL)
+    np.testing.assert_allclose(low_res[:, 1:], multi_masks, atol=LOGIT_ATOL, rtol=RTOL)
+    np.testing.assert_allclose(iou[:, 1:], multi_iou, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(low_res[:, :1], single_mask, atol=LOGIT_ATOL, rtol=RTOL)
+    np.testing.assert_allclose(iou[:, :1], single_iou, atol=ATOL, rtol=RTOL)
 
 
 def test_manifest_describes_the_files(model_dir, tiny_sam):
@@ -161,7 +164,7 @@ def test_large_graphs_keep_weights_in_external_data(tmp_path, tiny_sam, embeddin
     iou, low_res = _session(model_dir / contract.DECODER_FILE).run(
         None, {"image_embeddings": embeddings, "point_coords": coords, "point_labels": labels})
     multi_masks, _ = _torch_decoder(tiny_sam, embeddings, coords, labels, multimask=True)
-    np.testing.assert_allclose(low_res[:, 1:], multi_masks, atol=ATOL)
+    np.testing.assert_allclose(low_res[:, 1:], multi_masks, atol=LOGIT_ATOL, rtol=RTOL)
 
 
 def test_export_rejects_bad_arguments(tmp_path, tiny_sam):
