@@ -3,9 +3,12 @@
 Catalog and STAC API (owned by the STAC part):
     demo_catalog  session: the synthetic Sentinel-2 catalog (raysam.demo.catalog), built once.
     stac_server   session: (url, CatalogInfo) of a live ``rustac serve`` over that catalog.
+    demo_selection session: the demo region (conf/region/demo.yaml) searched and selected per date.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,21 @@ def stac_server(demo_catalog: CatalogInfo):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def demo_selection(stac_server):
+    """(region, CatalogInfo, {date: DateSelection}): the demo region searched, deduplicated, selected."""
+    import yaml
+
+    from raysam.region import RegionSpec, load_region
+    from raysam.stac import StacConfig, dedupe_reprocessed, search_items, select_per_date
+
+    url, info = stac_server
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "conf/region/demo.yaml").read_text())["region"]
+    region = load_region(RegionSpec(cfg["name"], cfg["geometry"], tuple(cfg["time_range"])))
+    items = search_items(StacConfig(kind="local", url=url), region.aoi_wgs84, region.start_utc,
+                         region.end_utc)
+    selections = select_per_date(dedupe_reprocessed(items), region.aoi_wgs84,
+                                 region.min_tile_cover)
+    return region, info, {f"{s.date:%Y-%m-%d}": s for s in selections}

@@ -352,23 +352,6 @@ def test_compute_stretch_from_coarse_reads(tmp_path):
 STRETCH_0_02 = ScalingSpec(mode="stretch", low=(0.0,) * 3, high=(0.2,) * 3)  # 0.00078 per level
 
 
-@pytest.fixture(scope="module")
-def demo_selection(stac_server):
-    """The demo region (conf/region/demo.yaml), searched, deduplicated and selected per date."""
-    import yaml
-
-    from raysam.region import RegionSpec, load_region
-    from raysam.stac import StacConfig, dedupe_reprocessed, search_items, select_per_date
-
-    url, info = stac_server
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "conf/region/demo.yaml").read_text())["region"]
-    region = load_region(RegionSpec(cfg["name"], cfg["geometry"], tuple(cfg["time_range"])))
-    items = search_items(StacConfig(kind="local", url=url), region.aoi_wgs84, region.start_utc,
-                         region.end_utc)
-    selections = select_per_date(dedupe_reprocessed(items), region.aoi_wgs84,
-                                 region.min_tile_cover)
-    return region, info, {f"{s.date:%Y-%m-%d}": s for s in selections}
-
 
 def _fields_wgs84(info) -> dict[int, shapely.Geometry]:
     import pyarrow.parquet as pq

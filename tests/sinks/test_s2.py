@@ -3,7 +3,6 @@ tags giving the generator's field reflectance, and the same pixels as the chip r
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,21 +26,10 @@ SCL_CLASSES = {0, catalog.SCL_VEGETATION, catalog.SCL_NOT_VEGETATED, catalog.SCL
 
 
 @pytest.fixture(scope="module")
-def demo_group(stac_server):
+def demo_group(demo_selection):
     """The demo region's clear date as a DateGroup (zone 16 grid, both tiles)."""
-    import yaml
-
-    from raysam.region import RegionSpec, load_region
-    from raysam.stac import StacConfig, dedupe_reprocessed, search_items, select_per_date
-
-    url, info = stac_server
-    cfg = yaml.safe_load((Path(__file__).parents[2] / "conf/region/demo.yaml").read_text())["region"]
-    region = load_region(RegionSpec(cfg["name"], cfg["geometry"], tuple(cfg["time_range"])))
-    items = search_items(StacConfig(kind="local", url=url), region.aoi_wgs84, region.start_utc,
-                         region.end_utc)
-    sel = next(s for s in select_per_date(dedupe_reprocessed(items), region.aoi_wgs84,
-                                          region.min_tile_cover)
-               if f"{s.date:%Y-%m-%d}" == info.dates[0])
+    region, info, selections = demo_selection
+    sel = selections[info.dates[0]]
     return make_date_group("demo", sel.date, sel.items, region.aoi_wgs84), region, info
 
 
