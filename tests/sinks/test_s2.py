@@ -3,7 +3,6 @@ tags giving the generator's field reflectance, and the same pixels as the chip r
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow.parquet as pq
 import pyproj
