@@ -44,7 +44,7 @@ def match_masks(ours: list[dict], ref: list[dict]) -> list[tuple[int, int, float
     for i, a in enumerate(ours):
         for j, b in enumerate(ref):
             if _boxes_overlap(a["bbox"], b["bbox"]):
-                pairs.append((_mask_iou(a["segmentation"], b["segmentation"]), i, j))
+                pairs.append((_mask_iou(a, b), i, j))
     used_i, used_j, out = set(), set(), []
     for iou, i, j in sorted(pairs, reverse=True):
         if i not in used_i and j not in used_j:
@@ -57,9 +57,14 @@ def _boxes_overlap(a: list[int], b: list[int]) -> bool:
     return a[0] <= b[0] + b[2] and b[0] <= a[0] + a[2] and a[1] <= b[1] + b[3] and b[1] <= a[1] + a[3]
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.count_nonzero(a | b)
-    return 1.0 if union == 0 else np.count_nonzero(a & b) / union
+def _mask_iou(a: dict, b: dict) -> float:
+    """Mask IoU of two records, computed inside the union of their XYWH boxes."""
+    x0, y0 = min(a["bbox"][0], b["bbox"][0]), min(a["bbox"][1], b["bbox"][1])
+    x1 = max(a["bbox"][0] + a["bbox"][2], b["bbox"][0] + b["bbox"][2]) + 1
+    y1 = max(a["bbox"][1] + a["bbox"][3], b["bbox"][1] + b["bbox"][3]) + 1
+    sa, sb = a["segmentation"][y0:y1, x0:x1], b["segmentation"][y0:y1, x0:x1]
+    union = np.count_nonzero(sa | sb)
+    return 1.0 if union == 0 else np.count_nonzero(sa & sb) / union
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
