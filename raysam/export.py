@@ -13,6 +13,7 @@ Checkpoint downloads (with resume and checksum) live in :mod:`raysam.download`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -88,22 +89,27 @@ def _decoder_module(sam: Any) -> Any:
             return embedding
 
         def predict_masks(self, image_embeddings: Any, sparse: Any) -> tuple[Any, Any]:
-            """``MaskDecoder.predict_masks`` with the no-mask dense embedding, batch by expand."""
+            """``MaskDecoder.predict_masks`` with the no-mask dense embedding.
+
+            The image side enters the transformer at batch 1 (see :func:`_two_way_transformer`).
+            """
             decoder = self.mask_decoder
             batch = sparse.shape[0]
             output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
             tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
             no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            src = (image_embeddings + no_mask).expand(batch, -1, -1, -1)
-            image_pe = self.prompt_encoder.get_dense_pe()
-            pos_src = image_pe.expand(batch, -1, -1, -1)
-            _, c, h, w = image_embeddings.shape
-            hs, src = decoder.transformer(src, pos_src, tokens)
-            upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, c, h, w))
+            src = image_embeddings + no_mask
+            _, _, h, w = image_embeddings.shape
+            image_pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
+            hs, src = _two_way_transformer(decoder.transformer, src.flatten(2).transpose(1, 2),
+                                           image_pe, tokens)
+            if not decoder.transformer.layers:  # otherwise the image tokens are per prompt already
+                src = src.expand(batch, -1, -1)
             hyper_in = torch.stack(
                 [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
                 dim=1,
             )
+            upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, -1, h, w))
             _, c_up, h_up, w_up = upscaled.shape
             masks = (hyper_in @ upscaled.reshape(batch, c_up, h_up * w_up)).reshape(batch, -1, h_up, w_up)
             return decoder.iou_prediction_head(hs[:, 0, :]), masks
@@ -113,6 +119,88 @@ def _decoder_module(sam: Any) -> Any:
             return self.predict_masks(image_embeddings, sparse)
 
     return SamDecoderOnnx().eval()
+
+
+def _two_way_transformer(transformer: Any, image: Any, image_pe: Any, tokens: Any) -> tuple[Any, Any]:
+    """``TwoWayTransformer.forward`` on token-major inputs, arranged for many prompts per image.
+
+    The image tokens enter at batch 1 and broadcast against the prompts, so everything the
+    first block computes from the image alone (its projections) runs once per chip, not
+    once per prompt. Where image tokens are per prompt, the attentions are re-associated so
+    that no projection runs over all h*w image tokens (see :func:`_attend_tokens_to_image`
+    and :func:`_attend_image_to_tokens`). Same function, other summation order.
+
+    Args:
+        transformer: ``MaskDecoder.transformer``.
+        image: (1, h*w, C) image embedding tokens.
+        image_pe: (1, h*w, C) their positional encoding.
+        tokens: (B, N, C) output and prompt tokens.
+
+    Returns:
+        The (B, N, C) processed tokens and the (B or 1, h*w, C) processed image tokens.
+    """
+    queries, keys = tokens, image
+    for i, layer in enumerate(transformer.layers):
+        shared = i == 0  # the image tokens are the same for every prompt until block 0 ends
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        q, k = queries + tokens, keys + image_pe
+        attn = layer.cross_attn_token_to_image
+        out = attn(q=q, k=k, v=keys) if shared else _attend_tokens_to_image(attn, q, k, keys)
+        queries = layer.norm2(queries + out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q = queries + tokens
+        keys = layer.norm4(keys + _attend_image_to_tokens(layer.cross_attn_image_to_token, k, q, queries))
+    q, k = queries + tokens, keys + image_pe
+    attn = transformer.final_attn_token_to_image
+    out = attn(q=q, k=k, v=keys) if not transformer.layers else _attend_tokens_to_image(attn, q, k, keys)
+    return transformer.norm_final_attn(queries + out), keys
+
+
+def _attend_tokens_to_image(attn: Any, q: Any, k: Any, v: Any) -> Any:
+    """SAM's ``Attention(q=tokens, k=image, v=image)`` without projecting the image tokens.
+
+    Per head, ``(q Wq_h)(k Wk_h + bk_h)^T = ((q Wq_h) Wk_h) k^T + const`` per query row (which
+    softmax ignores), and since attention rows sum to one, ``attn (v Wv_h^T + bv_h) =
+    (attn v) Wv_h^T + bv_h``: the C x C/r projections act on the N tokens, not on h*w pixels.
+    q: (B, N, C); k, v: (B, h*w, C).
+    """
+    import torch
+
+    heads, c = attn.num_heads, attn.embedding_dim
+    d = attn.internal_dim // heads
+    batch, n = q.shape[0], q.shape[1]
+    qh = attn.q_proj(q).reshape(batch, n, heads, d).transpose(1, 2)  # (B, heads, N, d)
+    qk = (qh @ attn.k_proj.weight.reshape(heads, d, c)).reshape(batch, heads * n, c)
+    weights = torch.softmax((qk @ k.transpose(1, 2)) / math.sqrt(d), dim=-1)  # (B, heads*N, h*w)
+    ctx = (weights @ v).reshape(batch, heads, n, c)
+    out = ctx @ attn.v_proj.weight.reshape(heads, d, c).transpose(1, 2) + attn.v_proj.bias.reshape(heads, 1, d)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, n, heads * d))
+
+
+def _attend_image_to_tokens(attn: Any, q: Any, k: Any, v: Any) -> Any:
+    """SAM's ``Attention(q=image, k=tokens, v=tokens)`` with the output projection folded in.
+
+    ``concat_h(attn_h v_h) Wo^T = sum_h attn_h (v_h Wo_h^T)``: the heads are laid side by
+    side along the token axis, so one product over the N*heads tokens gives the C-wide output
+    and no C/r x C projection runs over the h*w pixels. q: (B or 1, h*w, C); k, v: (B, N, C).
+    """
+    import torch
+
+    heads, c = attn.num_heads, attn.embedding_dim
+    d = attn.internal_dim // heads
+    batch, n, pixels = k.shape[0], k.shape[1], q.shape[1]
+    qh = attn.q_proj(q).reshape(q.shape[0], pixels, heads, d).transpose(1, 2)  # (B|1, heads, hw, d)
+    kh = attn.k_proj(k).reshape(batch, n, heads, d).transpose(1, 2)  # (B, heads, N, d)
+    vh = attn.v_proj(v).reshape(batch, n, heads, d).transpose(1, 2)
+    weights = torch.softmax((qh @ kh.transpose(2, 3)) / math.sqrt(d), dim=-1)  # (B, heads, hw, N)
+    weights = weights.transpose(1, 2).reshape(batch, pixels, heads * n)
+    vo = (vh @ attn.out_proj.weight.reshape(c, heads, d).permute(1, 2, 0)).reshape(batch, heads * n, c)
+    return weights @ vo + attn.out_proj.bias
 
 
 # ---- ONNX export ---------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 """Automatic mask generation for one chip, following ``SamAutomaticMaskGenerator``.
 
 ``generate`` → ``_generate_masks`` (crops, then NMS across crops preferring smaller crops)
-→ ``_process_crop`` (encode once, point batches, NMS in the crop, back to image frame)
-→ ``_process_batch`` (decode, candidates, IoU filter, upsample survivors, stability
-filter, threshold, boxes, crop-edge filter, bit-pack). Masks are upsampled only inside
-the region where their low-res logits can exceed the lowest threshold, so the work per
-mask scales with the mask's box, not with the chip.
+→ ``_process_crop`` (encode once, decode point batches one ahead in a thread, NMS in the
+crop, back to image frame) → ``_process_batch`` (candidates, IoU filter, upsample
+survivors, stability filter, threshold, boxes, crop-edge filter, bit-pack). Masks are
+upsampled only inside the region where their low-res logits can exceed the lowest
+threshold, so the work per mask scales with the mask's box, not with the chip.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,10 +34,14 @@ from raysam.sam.masks import (
     stability_from_counts,
     uncrop_boxes_xyxy,
     uncrop_points,
-    upsample_thresholded,
+    upsample_thresholded_batch,
 )
 from raysam.sam.model import SamModel
 from raysam.sam.params import AmgParams
+
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 class AutomaticMaskGenerator:
     """SAM's automatic mask generator on an ONNX :class:`SamModel`.
@@ -99,9 +105,15 @@ class AutomaticMaskGenerator:
         embeddings = self.model.encode(encoder_input)
         taps = self._crop_taps(input_hw, crop_hw)
         points_for_image = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
+        batches = [points for (points,) in batch_iterator(self.params.points_per_batch, points_for_image)]
+
+        def decode(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            coords = self.model.apply_coords(points, crop_hw)[:, None, :]
+            return self.model.decode(embeddings, coords, np.ones(coords.shape[:2], np.float32))
+
         data = MaskData()
-        for (points,) in batch_iterator(self.params.points_per_batch, points_for_image):
-            data.cat(self._process_batch(points, embeddings, crop_hw, taps, crop_box, orig_size))
+        for points, decoded in zip(batches, prefetched(decode, batches)):
+            data.cat(self._process_batch(points, decoded, crop_hw, taps, crop_box, orig_size))
         if not len(data):
             return _empty_data()
         # Remove duplicates within this crop.
@@ -123,26 +135,25 @@ class AutomaticMaskGenerator:
     def _process_batch(
         self,
         points: np.ndarray,
-        embeddings: np.ndarray,
+        decoded: tuple[np.ndarray, np.ndarray],
         crop_hw: tuple[int, int],
         taps: tuple[AxisRuns, AxisRuns],
         crop_box: list[int],
         orig_size: tuple[int, int],
     ) -> MaskData:
         p = self.params
-        coords = self.model.apply_coords(points, crop_hw)[:, None, :]
-        iou, low_res = self.model.decode(embeddings, coords, np.ones(coords.shape[:2], np.float32))
+        iou, low_res = decoded
         tokens = slice(1, contract.NUM_MASK_TOKENS) if p.multimask else slice(0, 1)
         n_tok = len(range(contract.NUM_MASK_TOKENS)[tokens])
         data = MaskData(
-            logits=low_res[:, tokens].reshape(-1, *low_res.shape[-2:]),
+            logits=[m for masks in low_res[:, tokens] for m in masks],  # views, no copies
             iou_preds=iou[:, tokens].reshape(-1).astype(np.float32),
             points=np.repeat(points, n_tok, axis=0),
         )
         # Filter by predicted IoU before any upsampling.
         if p.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > p.pred_iou_thresh)
-        self._upsample(data, taps)
+        self._upsample(data, taps, abs_max=max(float(low_res.max()), -float(low_res.min())))
         if p.stability_score_thresh > 0.0:
             data.filter(data["stability_score"] >= p.stability_score_thresh)
         self._boxes_and_bits(data)
@@ -152,12 +163,12 @@ class AutomaticMaskGenerator:
         del data["regions"], data["origins"]
         return data
 
-    def _upsample(self, data: MaskData, taps: tuple[AxisRuns, AxisRuns]) -> None:
+    def _upsample(self, data: MaskData, taps: tuple[AxisRuns, AxisRuns], abs_max: float) -> None:
         """Add stability scores and the thresholded mask inside each mask's live region."""
         offset = self.params.stability_score_offset
         thresholds = (self.mask_threshold - offset, self.mask_threshold, self.mask_threshold + offset)
-        regions = [upsample_thresholded(logits, taps[0], taps[1], thresholds, mask_index=1)
-                   for logits in data["logits"]]
+        regions = upsample_thresholded_batch(data["logits"], taps[0], taps[1], thresholds, mask_index=1,
+                                             abs_max=abs_max)
         counts = np.array([r.counts for r in regions], np.int64).reshape(-1, 3)
         data["stability_score"] = stability_from_counts(counts[:, 2], counts[:, 0])
         data["regions"] = [r.mask for r in regions]
@@ -181,6 +192,23 @@ class AutomaticMaskGenerator:
         data["boxes"] = np.array(boxes, np.int64).reshape(-1, 4)
         data["areas"] = np.array(areas, np.int64)
         data["bits"] = bits
+
+
+def prefetched(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+    """Yield ``fn(item)`` for each item in order, computing the next one in a background thread.
+
+    The decoder (onnxruntime, which releases the GIL; or a GPU) works on batch k + 1 while the
+    caller post-processes batch k. At most two results are alive at once.
+    """
+    if len(items) < 2:
+        yield from (fn(item) for item in items)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysam-decode") as pool:
+        pending = pool.submit(fn, items[0])
+        for item in items[1:]:
+            ready, pending = pending.result(), pool.submit(fn, item)
+            yield ready
+        yield pending.result()
 
 
 def _empty_data() -> MaskData:

@@ -10,7 +10,7 @@ only as bits packed inside their box (:func:`pack_mask`) or as uncompressed COCO
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
@@ -494,47 +494,116 @@ def upsample_thresholded(
     thresholds: tuple[float, ...],
     mask_index: int,
 ) -> ThresholdedRegion:
+    """Threshold SAM's upsampled logits of one low-res map exactly (see
+    :func:`upsample_thresholded_batch`)."""
+    return upsample_thresholded_batch([logits], runs_y, runs_x, thresholds, mask_index)[0]
+
+
+def upsample_thresholded_batch(
+    maps: Sequence[np.ndarray],
+    runs_y: AxisRuns,
+    runs_x: AxisRuns,
+    thresholds: tuple[float, ...],
+    mask_index: int,
+    abs_max: float | None = None,
+) -> list[ThresholdedRegion]:
     """Threshold SAM's upsampled logits exactly, computing values only where needed.
 
     Each block of outputs sharing a low-res support is a convex combination of that support:
     if the support's min and max lie on the same side of every threshold (with a rounding
     margin) the whole block is decided from the low-res values; only the other blocks are
-    upsampled (with the same arithmetic as :func:`apply_taps`). The region is restricted to
-    blocks whose support can exceed the lowest threshold, so everything outside it is below
-    every threshold.
+    upsampled (with the same arithmetic as :func:`apply_taps`), for all maps at once. The
+    region is restricted to blocks whose support can exceed the lowest threshold, so
+    everything outside it is below every threshold.
+
+    Args:
+        maps: Low-res (h, w) float32 logit maps.
+        runs_y, runs_x: The upsampling operator per axis.
+        thresholds: Thresholds to count pixels above.
+        mask_index: Which threshold the returned mask uses.
+        abs_max: An upper bound of ``|logits|`` over all maps, if the caller has one (it sets
+            the rounding margin; a larger bound only sends more blocks to the exact path).
     """
-    eps = np.float32(4e-5 * (1.0 + float(np.abs(logits).max(initial=0.0))))
+    if abs_max is None:
+        abs_max = max((float(np.abs(m).max(initial=0.0)) for m in maps), default=0.0)
+    eps = np.float32(4e-5 * (1.0 + abs_max))
+    regions: list[ThresholdedRegion | None] = []
+    pending: list[tuple[int, _Undecided]] = []
+    for i, logits in enumerate(maps):
+        region = _decide_blocks(logits, runs_y, runs_x, thresholds, mask_index, eps)
+        if isinstance(region, _Undecided):
+            pending.append((i, region))
+            region = None
+        regions.append(region)
+    if pending:
+        _finish_undecided([u for _, u in pending], runs_y, runs_x, thresholds, mask_index)
+        for i, undecided in pending:
+            regions[i] = undecided.region
+    return regions  # type: ignore[return-value]
+
+
+@dataclass
+class _Undecided:
+    """A region whose decided blocks are filled in; ``blocks_*``/``support`` still to compute."""
+
+    region: ThresholdedRegion
+    blocks_y: np.ndarray
+    blocks_x: np.ndarray
+    support: np.ndarray
+
+
+def _decide_blocks(
+    logits: np.ndarray, runs_y: AxisRuns, runs_x: AxisRuns, thresholds: tuple[float, ...], mask_index: int,
+    eps: np.float32,
+) -> ThresholdedRegion | _Undecided:
+    """Decide what the low-res values alone decide; the rest comes back as :class:`_Undecided`."""
     live = logits > np.float32(min(thresholds)) - eps
     rows, cols = np.flatnonzero(live.any(axis=1)), np.flatnonzero(live.any(axis=0))
-    empty = ThresholdedRegion(np.zeros(len(thresholds), np.int64), np.zeros((0, 0), bool), (0, 0))
     if rows.size == 0:
-        return empty
+        return ThresholdedRegion(np.zeros(len(thresholds), np.int64), np.zeros((0, 0), bool), (0, 0))
     ry, rx = runs_y.runs_touching(rows[0], rows[-1]), runs_x.runs_touching(cols[0], cols[-1])
     sup_y, sup_x = runs_y.support[ry[0] : ry[1]], runs_x.support[rx[0] : rx[1]]
     bmin, bmax = _block_min_max(logits, sup_y, sup_x)
     len_y, len_x = runs_y.length[ry[0] : ry[1]], runs_x.length[rx[0] : rx[1]]
     sizes = len_y[:, None].astype(np.int64) * len_x[None, :]
     decided = np.ones(bmin.shape, bool)
-    counts = np.zeros(len(thresholds), np.int64)
     above_blocks = []
-    for k, t in enumerate(thresholds):
+    for t in thresholds:
         above, below = bmin > np.float32(t) + eps, bmax <= np.float32(t) - eps
         decided &= above | below
         above_blocks.append(above)
-    origin = (int(runs_y.start[ry[0]]), int(runs_x.start[rx[0]]))
     if sizes[~decided].sum() > _DENSE_FRACTION * sizes.sum():
         return _dense_region(logits, runs_y, runs_x, ry, rx, thresholds, mask_index)
-    for k in range(len(thresholds)):
-        counts[k] = int(sizes[decided & above_blocks[k]].sum())
+    counts = np.array([sizes[decided & above].sum() for above in above_blocks], np.int64)
     mask = np.repeat(np.repeat(decided & above_blocks[mask_index], len_y, axis=0), len_x, axis=1)
+    region = ThresholdedRegion(counts, mask, (int(runs_y.start[ry[0]]), int(runs_x.start[rx[0]])))
     ub_y, ub_x = np.nonzero(~decided)
-    if ub_y.size:
-        values, pix_y, pix_x, valid = _block_values(logits, runs_y, runs_x, ub_y + ry[0], ub_x + rx[0])
-        for k, t in enumerate(thresholds):
-            counts[k] += int(np.count_nonzero((values > np.float32(t)) & valid))
-        hit = valid & (values > np.float32(thresholds[mask_index]))
-        mask[pix_y[hit] - origin[0], pix_x[hit] - origin[1]] = True
-    return ThresholdedRegion(counts, mask, origin)
+    if not ub_y.size:
+        return region
+    ub_y, ub_x = ub_y + ry[0], ub_x + rx[0]
+    support = logits[runs_y.support[ub_y][:, :, None], runs_x.support[ub_x][:, None, :]]
+    return _Undecided(region, ub_y, ub_x, support)
+
+
+def _finish_undecided(
+    pending: list[_Undecided], runs_y: AxisRuns, runs_x: AxisRuns, thresholds: tuple[float, ...], mask_index: int
+) -> None:
+    """Exact values of every undecided block of every map in one pass; complete their regions."""
+    sizes = [len(u.blocks_y) for u in pending]
+    values, pix_y, pix_x, valid = _block_values(
+        np.concatenate([u.support for u in pending]), runs_y, runs_x,
+        np.concatenate([u.blocks_y for u in pending]), np.concatenate([u.blocks_x for u in pending]))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for k, t in enumerate(thresholds):
+        per_block = np.count_nonzero((values > np.float32(t)) & valid, axis=(1, 2))
+        per_map = np.add.reduceat(per_block, starts)
+        for u, n in zip(pending, per_map, strict=True):
+            u.region.counts[k] += int(n)
+    hit = valid & (values > np.float32(thresholds[mask_index]))
+    for u, start, n in zip(pending, starts, sizes, strict=True):
+        h = hit[start : start + n]
+        oy, ox = u.region.origin
+        u.region.mask[pix_y[start : start + n][h] - oy, pix_x[start : start + n][h] - ox] = True
 
 
 def _dense_region(
@@ -575,17 +644,17 @@ def _block_pixels(runs: AxisRuns, blocks: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def _block_values(
-    logits: np.ndarray, runs_y: AxisRuns, runs_x: AxisRuns, blocks_y: np.ndarray, blocks_x: np.ndarray
+    support: np.ndarray, runs_y: AxisRuns, runs_x: AxisRuns, blocks_y: np.ndarray, blocks_x: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Exact upsampled values of the given blocks: (n, Ly, Lx) values, pixel rows/cols, validity.
 
     Every output of a block has the block's support as its taps, so the values are
     ``wy @ support_values @ wx.T`` per block, summed in :func:`apply_taps`'s order.
+    ``support`` holds each block's (T, S) low-res support values.
     """
     py, vy = _block_pixels(runs_y, blocks_y)
     px, vx = _block_pixels(runs_x, blocks_x)
     wy, wx = runs_y.taps.weight[py], runs_x.taps.weight[px]  # (n, Ly, T), (n, Lx, S)
-    support = logits[runs_y.support[blocks_y][:, :, None], runs_x.support[blocks_x][:, None, :]]
     values = None
     for s in range(wx.shape[2]):
         tall = wy[:, :, 0] * support[:, None, 0, s]

@@ -212,6 +212,9 @@ def _new_session(path: Path, providers: list[str], options: Any, threads: int | 
         options.intra_op_num_threads = threads or _default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; the provider choice is logged below
+        # Idle ORT threads sleep instead of spinning: the generator post-processes one batch
+        # on the CPU while the next decodes (see raysam.sam.amg.prefetched).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if "CUDAExecutionProvider" in providers:
         ort.set_default_logger_severity(4)  # a failed CUDA probe is reported by us, not by ORT
     try:
@@ -306,8 +309,11 @@ class SamModel:
         """(x - mean) / std, CHW float32, zero-padded bottom/right to [1, 3, 1024, 1024]."""
         h, w = resized_hwc.shape[:2]
         out = np.zeros((1, 3, self.image_size, self.image_size), np.float32)
-        chw = resized_hwc.transpose(2, 0, 1).astype(np.float32)
-        out[0, :, :h, :w] = (chw - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+        # uint8 pixels: a 256-entry table per channel holds exactly the float32 arithmetic.
+        levels = np.arange(256, dtype=np.float32)
+        table = (levels[None, :] - self.pixel_mean[:, None]) / self.pixel_std[:, None]
+        for c in range(3):
+            out[0, c, :h, :w] = table[c][resized_hwc[:, :, c]]
         return out
 
     def preprocess(self, image_hwc: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:

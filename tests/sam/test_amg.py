@@ -43,6 +43,22 @@ def test_thresholded_upsampling_equals_dense_upsampling(kind: str, input_hw: tup
         np.testing.assert_array_equal(full, dense > 0)
 
 
+def test_batched_thresholding_equals_one_map_at_a_time() -> None:
+    """Maps of all kinds thresholded together give what each gives alone (the exact dense answer)."""
+    taps = [M.postprocess_taps(256, 1024, 1024, 1024)] * 2
+    runs = [M.AxisRuns.from_taps(t) for t in taps]
+    thresholds = (-1.0, 0.0, 1.0)
+    maps = [_logits(kind, seed) for seed in range(3) for kind in ("blob", "noisy", "empty")]
+    batch = M.upsample_thresholded_batch(maps, runs[0], runs[1], thresholds, mask_index=1)
+    for logits, got in zip(maps, batch, strict=True):
+        dense = M.apply_taps(logits, taps[0], taps[1], (0, 1024), (0, 1024))
+        assert got.counts.tolist() == [int(np.count_nonzero(dense > t)) for t in thresholds]
+        full = np.zeros((1024, 1024), bool)
+        (y0, x0), (h, w) = got.origin, got.mask.shape
+        full[y0 : y0 + h, x0 : x0 + w] = got.mask
+        np.testing.assert_array_equal(full, dense > 0)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path):
     return load_model(tiny_model_dir, device="cpu")
