@@ -5,6 +5,9 @@ is raised as a :class:`RaysamError` whose message is one line naming the problem
 The entrypoints print that line and exit non-zero without a stack trace.
 """
 
+import sys
+from collections.abc import Callable
+
 
 class RaysamError(Exception):
     """A problem the user can fix; ``str(err)`` is one line that says what and how."""
@@ -23,3 +26,17 @@ class ModelError(RaysamError):
 
 class DataError(RaysamError):
     """Input data (region, catalog, items, assets) is missing, invalid or unreachable."""
+
+
+USAGE_EXIT_CODE = 2  # what raysam's entry points return for a RaysamError
+
+
+def run_cli(body: Callable[[], object]) -> int:
+    """Run a command-line tool's body: 0 when it returns; for a :class:`RaysamError`, its one
+    line on stderr (no stack trace) and :data:`USAGE_EXIT_CODE`."""
+    try:
+        body()
+    except RaysamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+    return 0

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from raysam.download import SAM_CHECKPOINTS, download_checkpoint
-from raysam.errors import RaysamError
+from raysam.errors import run_cli
 from raysam.sam.contract import SAM_MODEL_TYPES
 
 
@@ -48,15 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("~/.cache/raysam").expanduser())
     parser.add_argument("--opset", type=int, default=17)
     args = parser.parse_args(argv)
-    try:
+
+    def export_all() -> None:
         for model_type in args.models:
             t0 = time.perf_counter()
             model_dir = export_one(model_type, args.out, args.precision, args.checkpoint_dir, args.opset)
             print(f"{model_type}: exported to {model_dir} in {time.perf_counter() - t0:.0f} s")
-    except RaysamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(export_all)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from raysam.demo.catalog import DEMO_ROOT, make_demo_catalog, serve_catalog
-from raysam.errors import RaysamError
+from raysam.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--serve", type=int, metavar="PORT", help="serve the items with rustac on 127.0.0.1:PORT")
     args = parser.parse_args(argv)
-    try:
+
+    def build_and_serve() -> None:
         info = make_demo_catalog(args.root, seed=args.seed, base_url=args.base_url, overwrite=args.overwrite)
         print(json.dumps({"root": str(info.root), "aoi_wgs84": info.aoi_wgs84, "time_range": info.time_range,
                           "items": len(info.item_ids), "size_mb": round(info.size_bytes / 1e6, 1)}))
@@ -35,10 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait()
             except KeyboardInterrupt:
                 proc.terminate()
-    except RaysamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(build_and_serve)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 
 from raysam.demo.model import build_demo_model
 from raysam.demo.synthetic import FieldScene, draw_fields
-from raysam.errors import ModelError, RaysamError
+from raysam.errors import ModelError, run_cli
 from raysam.sam import contract
 
 DEFAULT_MODEL_DIR = Path("demo_data/models/demo")
@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic image")
     args = parser.parse_args(argv)
-    try:
-        print(run_demo(args.out, args.model_dir, args.points_per_side, args.seed))
-    except RaysamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: print(run_demo(args.out, args.model_dir, args.points_per_side, args.seed)))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def test_broken_model_dir_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     model_dir = tmp_path / "demo"
     model_dir.mkdir()
     (model_dir / contract.MANIFEST_NAME).write_text("{not json")
-    assert main(["--out", str(tmp_path / "out"), "--model-dir", str(model_dir)]) == 1
+    assert main(["--out", str(tmp_path / "out"), "--model-dir", str(model_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "manifest.json" in err and "\n" not in err
     assert "delete that directory" in err and str(model_dir) in err
