@@ -1,10 +1,10 @@
 """Benchmark: raysam's ONNX generator against segment_anything's, on the tiny SAM fixture.
 
 Runs both generators on tests/data/tiny_sam_image.png with the same parameters (16x16 points),
-checks that they agree (same mask count, every mask matched with IoU >= 0.99) and prints both
-wall times and their ratio. Usage::
+checks that they agree (same mask count, every mask matched with IoU >= 0.99) and prints their
+median wall times over alternating rounds (after one warm-up each) and the ratio. Usage::
 
-    .venv/bin/python scripts/bench_amg.py [--model-dir DIR] [--repeat N] [--threads N]
+    .venv/bin/python scripts/bench_amg.py [--model-dir DIR] [--rounds N] [--threads N]
 """
 
 from __future__ import annotations
@@ -34,10 +34,17 @@ MIN_MASKS = 50  # below this many surviving masks a speed-up says little (the is
 
 def _best_ious(ours: list[dict], ref: list[dict]) -> list[float]:
     """For each reference mask, the best mask IoU among ours (box-overlap candidates only)."""
+    def box(m: dict) -> np.ndarray:
+        x, y, w, h = m["bbox"]
+        return np.array([x, y, x + w, y + h])
+
+    boxes = np.array([box(a) for a in ours]).reshape(-1, 4)
     out = []
     for b in ref:
-        best = 0.0
-        for a in ours:
+        bb, best = box(b), 0.0
+        near = (boxes[:, 0] <= bb[2]) & (boxes[:, 2] >= bb[0]) & (boxes[:, 1] <= bb[3]) & (boxes[:, 3] >= bb[1])
+        for i in np.flatnonzero(near):
+            a = ours[i]
             inter = np.count_nonzero(a["segmentation"] & b["segmentation"])
             if inter:
                 best = max(best, inter / np.count_nonzero(a["segmentation"] | b["segmentation"]))
@@ -45,19 +52,31 @@ def _best_ious(ours: list[dict], ref: list[dict]) -> list[float]:
     return out
 
 
-def _timed(fn, repeat: int) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def _rounds(fns: dict[str, object], rounds: int) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Warm each function up once, then time them in alternation ``rounds`` times.
+
+    Alternating puts both under the same machine conditions (a shared VM's speed drifts by
+    tens of percent over a minute); the warm-up keeps one-off costs (allocator growth, lazy
+    initialisation) out of both.
+    """
+    results = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return times, results
+
+
+def _fmt(values: list[float], unit: str = "") -> str:
+    return ", ".join(f"{v:.2f}{unit}" for v in values)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, help="exported tiny SAM (default: export to a temp dir)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per generator; the best is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (alternating)")
     parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
     parser.add_argument("--no-filters", action="store_true", help="pred_iou_thresh = stability_score_thresh = 0")
     args = parser.parse_args()
@@ -77,9 +96,12 @@ def main() -> int:
                                           crop_n_layers=p.pop("n_crop_layers"), **p)
     ours = AutomaticMaskGenerator(model, **params)
 
-    t_ours, masks_ours = _timed(lambda: ours.generate(image), args.repeat)
-    with torch.no_grad():
-        t_ref, masks_ref = _timed(lambda: reference.generate(image), args.repeat)
+    def run_reference() -> list[dict]:
+        with torch.no_grad():
+            return reference.generate(image)
+
+    times, results = _rounds({"reference": run_reference, "raysam": lambda: ours.generate(image)}, args.rounds)
+    masks_ref, masks_ours = results["reference"], results["raysam"]
     ious = _best_ious(masks_ours, masks_ref)
     same = len(masks_ours) == len(masks_ref) and all(i >= MIN_IOU for i in ious)
 
@@ -87,9 +109,11 @@ def main() -> int:
           f"torch threads {torch.get_num_threads()}, provider {model.provider}")
     print(f"masks: reference {len(masks_ref)}, raysam {len(masks_ours)}, "
           f"min best-IoU {min(ious, default=1.0):.4f} -> {'MATCH' if same else 'MISMATCH'}")
-    print(f"reference SamAutomaticMaskGenerator: {t_ref:8.2f} s")
-    print(f"raysam AutomaticMaskGenerator (ONNX): {t_ours:8.2f} s")
-    print(f"speed-up: {t_ref / t_ours:.1f}x")
+    t_ref, t_ours = np.median(times["reference"]), np.median(times["raysam"])
+    print(f"reference SamAutomaticMaskGenerator: median {t_ref:6.2f} s  (rounds: {_fmt(times['reference'])})")
+    print(f"raysam AutomaticMaskGenerator (ONNX): median {t_ours:6.2f} s  (rounds: {_fmt(times['raysam'])})")
+    ratios = [r / o for r, o in zip(times["reference"], times["raysam"], strict=True)]
+    print(f"speed-up: {t_ref / t_ours:.1f}x (ratio of medians; per round: {_fmt(ratios, 'x')})")
     if len(masks_ref) < MIN_MASKS:
         print(f"note: only {len(masks_ref)} masks survive (< {MIN_MASKS}); this ratio does not meet the benchmark's condition")
     return 0 if same else 1
