@@ -1,0 +1,96 @@
+"""Fixtures for the reliability tests: a multi-node Ray cluster on this machine, demo run configs.
+
+    demo_config()     a validated RunConfig for the demo region on the session's catalog.
+    gpu_cluster       module: a ``ray.cluster_utils.Cluster`` whose head has no CPUs and whose one
+                      worker node declares 2 CPUs and 1 logical GPU, so every task and the SAM
+                      actor (``ray.gpus_per_actor=1``) run on worker nodes that can be lost.
+                      ``ray`` is connected to it for the module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from raysam.config import RunConfig, to_run_config
+from raysam.run import CONF_DIR
+
+WORKER_CPUS = 2
+WORKER_GPUS = 1  # logical: onnxruntime stays on the CPU (device=cpu)
+OBJECT_STORE_BYTES = 200 * 1024**2  # per node; a demo run holds a few MB of chips at a time
+
+
+def demo_config(demo_catalog, out_root: Path, *overrides: str) -> RunConfig:
+    """A validated RunConfig for the demo region and demo model on the session's catalog."""
+    base = [
+        "region=demo", "model=demo", f"stac.demo_root={demo_catalog.root.parent}",
+        f"model.path={demo_catalog.root.parent / 'models' / 'demo'}", f"output.root={out_root}",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose("config", overrides=[*base, *overrides]))
+
+
+@dataclass
+class GpuCluster:
+    """A local multi-node cluster: a CPU-less head plus replaceable worker nodes with a GPU."""
+
+    cluster: object  # ray.cluster_utils.Cluster
+    workers: list = field(default_factory=list)
+
+    def add_worker(self) -> object:
+        """Start a fresh worker node (2 CPUs, 1 logical GPU) and wait until it has joined."""
+        node = self.cluster.add_node(num_cpus=WORKER_CPUS, num_gpus=WORKER_GPUS,
+                                     object_store_memory=OBJECT_STORE_BYTES)
+        self.cluster.wait_for_nodes()
+        self.workers.append(node)
+        return node
+
+    def remove_worker(self, node: object) -> None:
+        """Kill a worker node at once (raylet and all its workers), as a preemption does."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    """A head with ``num_cpus=0`` and one GPU worker node, ``ray`` connected; torn down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raysam.pipeline import SAM_CHIP_DELAY_ENV
+
+    saved = os.environ.get(SAM_CHIP_DELAY_ENV)
+    # Nodes (and so their workers) inherit this environment: each SAM call takes >= 0.4 s, so
+    # a fault injected after a few chips always lands while most of the region is still to do.
+    os.environ[SAM_CHIP_DELAY_ENV] = "0.4"
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE_BYTES})
+    gpu = GpuCluster(cluster)
+    try:
+        gpu.add_worker()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield gpu
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if saved is None:
+            os.environ.pop(SAM_CHIP_DELAY_ENV, None)
+        else:
+            os.environ[SAM_CHIP_DELAY_ENV] = saved
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
+    """Poll ``predicate()`` until it returns a truthy value; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
