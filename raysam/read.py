@@ -19,7 +19,10 @@ Two ways onto the chip grid, with identical results where both apply:
 
 Open datasets are kept in a small per-thread LRU cache keyed by the *unsigned* href (a signed
 URL changes when its token is refreshed); a read that fails with HTTP 403 drops the cached
-dataset, re-signs and reopens once.
+dataset, re-signs and reopens once. Flaky networks meet two deliberate lines of retries
+(:class:`NetworkPolicy`): GDAL's own per-request retries (timeouts, resets, 429/5xx), then
+raysam's bounded retries with backoff around each band read; errors stay one line and never
+show a signed URL's query string.
 
 Scaling (the seed's ``band_names``/``band_scaling``/``band_offset``): reflectance =
 (DN + offset_dn) * scale, with the item's offset and scale unless overridden per band; then
@@ -30,9 +33,13 @@ per date group by :func:`compute_stretch`, never per chip.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -60,6 +67,7 @@ DEFAULT_CLOUD_CLASSES = (3, 8, 9, 10)
 DEFAULT_MAX_CLOUD_FRACTION = 0.8  # raysam.config.ChipConfig.max_cloud_fraction default
 SCL = "SCL"
 MAX_REASON_CHARS = 200
+INTEGER_DN_DTYPES = ("uint16", "uint8", "int16")  # L2A bands (uint16) and SCL (uint8)
 # Open datasets kept per thread: a date group's 2-4 items x 4-5 bands, with room for two groups.
 DEFAULT_DATASET_CACHE_SIZE = 32
 ALIGN_TOL_PX = 1e-6  # grid offsets within this many pixels of an integer count as aligned
@@ -76,17 +84,84 @@ Box = tuple[slice, slice]  # (rows, cols) of a chip: the part of it an item is r
 BandReader = Callable[[str, BandRead, Resampling, Box], np.ndarray]  # -> DN of the box
 
 
-def gdal_env_options() -> dict[str, Any]:
-    """GDAL options for reading COGs over HTTP (used as ``rasterio.Env(**options)``)."""
-    return {
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """How COG reads over HTTP survive a flaky network: GDAL's retries first, then raysam's.
+
+    GDAL (``/vsicurl/``) retries each HTTP request itself on 429/5xx, connection resets and
+    timeouts (``gdal_retries`` times, the delay starting at ``gdal_retry_delay_s`` and about
+    doubling). When a band read still fails, raysam drops the dataset and reopens it, up to
+    ``tries`` attempts in all, sleeping ``backoff_s`` doubled per retry (capped at
+    ``max_backoff_s``). An HTTP 403 (expired signature) is never retried as is: the href is
+    re-signed once (the signer's ``resign``). Permanent answers (400, 401, 404, 410, 416) and
+    local files fail at once. So one asset costs at most
+    ``(tries + 1) * (gdal_retries + 1)`` requests per byte range before a one-line DataError.
+
+    Attributes:
+        timeout_s: GDAL_HTTP_TIMEOUT, seconds one HTTP request may take.
+        connect_timeout_s: GDAL_HTTP_CONNECTTIMEOUT, seconds to connect.
+        gdal_retries: GDAL_HTTP_MAX_RETRY, GDAL's retries of one request.
+        gdal_retry_delay_s: GDAL_HTTP_RETRY_DELAY, GDAL's first delay between retries.
+        tries: raysam's attempts per band read (1: no retry beyond GDAL's).
+        backoff_s: raysam's first delay between attempts, doubled each retry.
+        max_backoff_s: cap on raysam's delay.
+    """
+
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    gdal_retries: int = 4
+    gdal_retry_delay_s: float = 1.0
+    tries: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if min(self.timeout_s, self.connect_timeout_s) <= 0:
+            raise ConfigError(f"read timeouts must be > 0 s, got timeout_s={self.timeout_s}, "
+                              f"connect_timeout_s={self.connect_timeout_s}: e.g. 30 and 10")
+        if self.gdal_retries < 0 or self.tries < 1:
+            raise ConfigError(f"read retries must be gdal_retries >= 0 and tries >= 1, got "
+                              f"{self.gdal_retries} and {self.tries}: e.g. 4 and 3")
+        if min(self.gdal_retry_delay_s, self.backoff_s, self.max_backoff_s) < 0:
+            raise ConfigError("read retry delays must be >= 0 s: e.g. gdal_retry_delay_s=1, "
+                              "backoff_s=1, max_backoff_s=30")
+
+    def delay_s(self, retry: int) -> float:
+        """raysam's sleep before its ``retry``-th retry (1, 2, ...)."""
+        return min(self.backoff_s * 2.0 ** (retry - 1), self.max_backoff_s)
+
+
+DEFAULT_NETWORK = NetworkPolicy()
+# The GDAL options NetworkPolicy sets; one already set in the environment wins (GDAL users' habit).
+_POLICY_OPTIONS = {
+    "GDAL_HTTP_TIMEOUT": "timeout_s",
+    "GDAL_HTTP_CONNECTTIMEOUT": "connect_timeout_s",
+    "GDAL_HTTP_MAX_RETRY": "gdal_retries",
+    "GDAL_HTTP_RETRY_DELAY": "gdal_retry_delay_s",
+}
+# HTTP answers that another try cannot change (403 is handled by re-signing).
+PERMANENT_HTTP = (400, 401, 404, 405, 410, 416)
+
+
+def gdal_env_options(policy: NetworkPolicy | None = None) -> dict[str, Any]:
+    """GDAL options for reading COGs over HTTP (used as ``rasterio.Env(**options)``).
+
+    The retry and timeout options come from ``policy``, except those already set as
+    environment variables (``GDAL_HTTP_TIMEOUT=5`` in the environment wins).
+    """
+    policy = policy or DEFAULT_NETWORK
+    options = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per open
-        "GDAL_HTTP_MAX_RETRY": "4",  # retries on 429/502/503/504
-        "GDAL_HTTP_RETRY_DELAY": "1",  # seconds, doubled each retry
         "GDAL_HTTP_MULTIRANGE": "YES",  # one request for several byte ranges
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
         "VSI_CACHE": "TRUE",
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     }
+    for option, attr in _POLICY_OPTIONS.items():  # GDAL retries 429/5xx, resets, timeouts
+        if option not in os.environ:
+            value = getattr(policy, attr)
+            options[option] = f"{value:g}"
+    return options
 
 
 @dataclass(frozen=True)
@@ -162,7 +237,8 @@ def read_chip(task: ChipTask, signer: Signer | None = None,
               scaling: ScalingSpec | None = None,
               cloud_classes: Sequence[int] = DEFAULT_CLOUD_CLASSES,
               max_cloud_fraction: float = DEFAULT_MAX_CLOUD_FRACTION,
-              fast_path: bool = True) -> ChipPixels | SkippedChip:
+              fast_path: bool = True,
+              network: NetworkPolicy | None = None) -> ChipPixels | SkippedChip:
     """Read, mosaic, mask and scale one chip.
 
     Args:
@@ -175,21 +251,23 @@ def read_chip(task: ChipTask, signer: Signer | None = None,
             cloud.
         fast_path: read aligned sources with plain windowed reads (same pixels as warping);
             False warps every band (for comparisons).
+        network: HTTP timeouts and retries (GDAL's, then raysam's); default NetworkPolicy().
 
     Returns:
         ChipPixels, or SkippedChip for a chip with no valid pixels or too much cloud.
 
     Raises:
-        DataError: an asset cannot be read (missing, corrupt, refused).
+        DataError: an asset cannot be read (missing, corrupt, refused, or still failing after
+            the policy's retries): one line naming the item and the asset.
     """
     scaling = scaling or ScalingSpec()
     in_aoi = aoi_mask(task)
     if not in_aoi.any():
         return SkippedChip(task.date_group_id, task.chip_id, "no valid pixels",
                            {"valid_fraction": 0.0})
-    with rasterio.Env(**gdal_env_options()):
-        refl, valid, scl, used = _mosaic(task, scaling, in_aoi, _band_reader(task, signer,
-                                                                             fast_path))
+    with rasterio.Env(**gdal_env_options(network)):
+        read = _band_reader(task, signer, fast_path, network)
+        refl, valid, scl, used = _mosaic(task, scaling, in_aoi, read)
     cloud = valid & np.isin(scl, np.asarray(cloud_classes, dtype=np.uint8))
     stats = _chip_stats(valid, cloud, used)
     reason = _skip_reason(stats, max_cloud_fraction)
@@ -214,7 +292,8 @@ def aoi_mask(task: ChipTask) -> np.ndarray:
 
 def read_band_dn(task: ChipTask, band_id: str, signer: Signer | None = None,
                  resampling: Resampling = Resampling.bilinear,
-                 fast_path: bool = True) -> tuple[np.ndarray, BandRead]:
+                 fast_path: bool = True,
+                 network: NetworkPolicy | None = None) -> tuple[np.ndarray, BandRead]:
     """One band's DN on the chip window, mosaicked first valid wins over the task's items.
 
     Args:
@@ -223,6 +302,7 @@ def read_band_dn(task: ChipTask, band_id: str, signer: Signer | None = None,
         signer: href signer, as for :func:`read_chip`.
         resampling: onto the chip grid; nearest for categorical bands (SCL).
         fast_path: as for :func:`read_chip`.
+        network: as for :func:`read_chip`.
 
     Returns:
         (DN (H, W) in the asset's dtype, 0 where no item has data; the BandRead of the first
@@ -238,14 +318,14 @@ def read_band_dn(task: ChipTask, band_id: str, signer: Signer | None = None,
                         f"{band_id}; plan chip tasks with the bands you read")
     _, _, width, height = task.window_px
     dn = None
-    read = _band_reader(task, signer, fast_path)
+    read = _band_reader(task, signer, fast_path, network)
 
     def read_item(item: ItemRead, box: Box) -> tuple[np.ndarray, np.ndarray]:
         band = item.band(band_id)
         item_dn = read(item.item_id, band, resampling, box)
         return item_dn, _has_data(item_dn, band)
 
-    with rasterio.Env(**gdal_env_options()):
+    with rasterio.Env(**gdal_env_options(network)):
         wanted = np.ones((height, width), bool)
         for _, item_dn, take, box in _first_valid(items, read_item, wanted):
             dn = np.zeros(wanted.shape, item_dn.dtype) if dn is None else dn
@@ -372,7 +452,8 @@ def _skip_reason(stats: dict[str, float], max_cloud_fraction: float) -> str | No
     return None
 
 
-def _band_reader(task: ChipTask, signer: Signer | None, fast_path: bool) -> BandReader:
+def _band_reader(task: ChipTask, signer: Signer | None, fast_path: bool,
+                 network: NetworkPolicy | None = None) -> BandReader:
     """A ``(item_id, band, resampling, box) -> DN`` reader onto a box of this task's chip."""
     col_off, row_off, _, _ = task.window_px
 
@@ -381,21 +462,26 @@ def _band_reader(task: ChipTask, signer: Signer | None, fast_path: bool) -> Band
         window_px = (col_off + cols.start, row_off + rows.start, cols.stop - cols.start,
                      rows.stop - rows.start)
         return _read_band(item_id, band, replace(task, window_px=window_px), signer,
-                          resampling, fast_path)
+                          resampling, fast_path, network)
 
     return read
 
 
 def _read_band(item_id: str, band: BandRead, task: ChipTask, signer: Signer | None,
-               resampling: Resampling, fast_path: bool = True) -> np.ndarray:
-    """One band on the chip grid (aligned read or warp); 403 -> re-sign once; -> DataError."""
+               resampling: Resampling, fast_path: bool = True,
+               network: NetworkPolicy | None = None) -> np.ndarray:
+    """One band on the chip grid (aligned read or warp), with the network policy's retries."""
     def read(src: rasterio.DatasetReader) -> np.ndarray:
+        if src.dtypes[0] not in INTEGER_DN_DTYPES:  # permanent: a DataError is never retried
+            raise DataError(f"item {item_id} asset {band.key}: {_without_query(band.href)} holds "
+                            f"{src.dtypes[0]} pixels, not Sentinel-2 L2A integer DNs "
+                            f"({', '.join(INTEGER_DN_DTYPES)}): fix the catalog's href")
         index = _aligned_index(src, band, task, resampling) if fast_path else None
         if index is not None:
             return _read_aligned(src, band, *index)
         return _warp(src, band, task, resampling)
 
-    return _with_signed_href(item_id, band, signer, read)
+    return _with_signed_href(item_id, band, signer, read, network)
 
 
 def _warp(src: rasterio.DatasetReader, band: BandRead, task: ChipTask,
@@ -466,28 +552,106 @@ def _read_aligned(src: rasterio.DatasetReader, band: BandRead, rows: np.ndarray,
 
 
 def _with_signed_href(item_id: str, band: BandRead, signer: Signer | None,
-                      fn: Callable[[rasterio.DatasetReader], Any]) -> Any:
-    """Apply ``fn`` to the band's open dataset (cached); re-sign and reopen once on HTTP 403.
+                      fn: Callable[[rasterio.DatasetReader], Any],
+                      policy: NetworkPolicy | None = None) -> Any:
+    """Apply ``fn`` to the band's open dataset (cached), retrying as ``policy`` says.
 
-    A block read from a dataset opened earlier fails with no status code in the error (GDAL
-    only logs the 403), so any failure of a cached dataset also counts as a possible expiry.
+    After an HTTP 403 the href is re-signed and reopened, once. A block read from a dataset
+    opened earlier fails with no status code in the error (GDAL only logs the 403), so the
+    first failure of a cached dataset also counts as a possible expiry. Other failures of a
+    remote asset are retried with backoff on a freshly opened dataset, up to ``policy.tries``
+    attempts; permanent ones (404, a corrupt file, a local path) are not.
+
+    Raises:
+        DataError: one line naming the item, the asset and the unsigned href (never a token).
     """
+    policy = policy or DEFAULT_NETWORK
     href = None  # None: the cached dataset, or the signer's href
     was_cached = _DATASETS.holds(band.href)
-    tries = 0
+    tries = resigned = 0
     while True:
-        tries += 1
         try:
-            with _DATASETS.dataset(band.href, href or (signer or _unsigned),
-                                   fresh=href is not None) as src:
+            with _uncached_if_failed(band.href, retry=tries > 0), \
+                    _DATASETS.dataset(band.href, href or (signer or _unsigned),
+                                      fresh=tries > 0) as src:
                 return fn(src)
         except (RasterioError, OSError) as err:
+            if _is_remote(band.href):
+                _FAILED_REMOTE.add(band.href)
+            tries += 1
             resign = getattr(signer, "resign", None)
-            if tries == 1 and resign is not None and (was_cached or _is_forbidden(err)):
-                href = resign(band.href)
+            if not resigned and resign is not None and (
+                    _is_forbidden(err) or (was_cached and tries == 1)):
+                href, resigned = resign(band.href), 1
                 continue
-            raise DataError(f"item {item_id} asset {band.key}: cannot read {band.href}: "
-                            f"{_reason(err)} (after {tries} tries)") from None
+            retries = tries - resigned
+            if retries >= policy.tries or not _retryable(band.href, err):
+                raise DataError(f"item {item_id} asset {band.key}: cannot read "
+                                f"{_without_query(band.href)}: {_reason(err)} "
+                                f"(after {tries} tries)") from None
+            time.sleep(policy.delay_s(retries))
+
+
+# Remote hrefs that failed in this process. GDAL's /vsicurl/ remembers a failed URL for the life
+# of the process and answers later opens with the same error without asking the server again,
+# so a retry (or a later chip) must bypass its cache: CPL_VSIL_CURL_NON_CACHED. GDAL splits
+# that option's value on ':', so a URL there stands for its scheme prefix (/vsicurl/http): the
+# bypass covers every HTTP asset, but only for the few attempts that follow a failure.
+_FAILED_REMOTE: set[str] = set()
+
+
+def _uncached_if_failed(href: str, retry: bool) -> contextlib.AbstractContextManager:
+    """A rasterio.Env bypassing GDAL's cache for a remote href that failed before, else a no-op."""
+    if not _is_remote(href) or not (retry or href in _FAILED_REMOTE):
+        return contextlib.nullcontext()
+    return rasterio.Env(CPL_VSIL_CURL_NON_CACHED=_vsi_path(href))
+
+
+def _vsi_path(href: str) -> str:
+    """GDAL's name for a remote href (``/vsicurl/https://...``)."""
+    scheme = href.split("://", 1)[0] if "://" in href else ""
+    prefix = {"s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/"}.get(scheme)
+    return prefix + href.split("://", 1)[1] if prefix else href if href.startswith("/vsi") else f"/vsicurl/{href}"
+
+
+def _retryable(href: str, err: BaseException) -> bool:
+    """True if another try may succeed: a remote asset and no permanent HTTP answer or 403."""
+    if not _is_remote(href):
+        return False
+    return not _http_codes(_error_chain_text(err)) & {403, *PERMANENT_HTTP}
+
+
+def _is_remote(href: str) -> bool:
+    """True for URLs GDAL reads over the network (http(s), s3, gs, az, /vsicurl/ ...)."""
+    return "://" in href or href.startswith(("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls"))
+
+
+def _error_chain_text(err: BaseException | None, depth: int = 8) -> str:
+    """The texts of an error and the ones it was raised from, joined."""
+    texts = []
+    while err is not None and len(texts) < depth:
+        texts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(texts)
+
+
+def _without_query(text: str) -> str:
+    """``text`` with every URL's query string (a SAS token) cut off."""
+    return re.sub(r"((?:https?|s3|gs|az)://[^\s?'\"]+)\?[^\s'\"]*", r"\1", text)
+
+
+class _RedactQueries(logging.Filter):
+    """Cuts URL query strings (SAS tokens) out of GDAL's log lines (retries name the URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = _without_query(message), None
+        return True
+
+
+for _name in ("rasterio._env", "rasterio._err", "rasterio._io", "rasterio._base"):
+    logging.getLogger(_name).addFilter(_RedactQueries())
 
 
 def _unsigned(href: str) -> str:
@@ -585,25 +749,26 @@ def _is_forbidden(err: BaseException | None) -> bool:
     A failed open says so itself; a failed block read says ``Read failed`` and chains the
     ``response_code=403`` error.
     """
-    seen = 0
-    while err is not None and seen < 8:
-        text = str(err)
-        if "403" in text or "Forbidden" in text:
-            return True
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return False
+    text = _error_chain_text(err)
+    return 403 in _http_codes(text) or "Forbidden" in text
+
+
+def _http_codes(text: str) -> set[int]:
+    """HTTP status codes GDAL reports in an error text."""
+    return {int(c) for c in re.findall(r"(?:HTTP response code|response_code)\s*[:=]\s*(\d{3})", text)}
 
 
 def _reason(err: Exception) -> str:
     """The first line of an error, bounded in length."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
+    lines = _without_query(str(err)).strip().splitlines() or [type(err).__name__]
     return lines[0][:MAX_REASON_CHARS]
 
 
 def compute_stretch(group: DateGroup, bands: Sequence[str] = ("R", "G", "B"),
                     percentiles: tuple[float, float] = (2.0, 98.0),
                     signer: Signer | None = None, max_side_px: int = 512,
-                    base: ScalingSpec | None = None) -> ScalingSpec:
+                    base: ScalingSpec | None = None,
+                    network: NetworkPolicy | None = None) -> ScalingSpec:
     """Per-band contrast stretch for a whole date group, from coarse reads of each item.
 
     Each item band is read decimated to at most ``max_side_px`` per side (GDAL uses the COG's
@@ -617,6 +782,7 @@ def compute_stretch(group: DateGroup, bands: Sequence[str] = ("R", "G", "B"),
         signer: href signer, as for :func:`read_chip`.
         max_side_px: longest side of the coarse read.
         base: scaling whose band_scaling/band_offset overrides apply (default none).
+        network: as for :func:`read_chip`.
 
     Returns:
         A ``mode="stretch"`` ScalingSpec; low=0, high=1 if the group has no valid pixel.
@@ -626,7 +792,7 @@ def compute_stretch(group: DateGroup, bands: Sequence[str] = ("R", "G", "B"),
         raise ConfigError(f"stretch percentiles {percentiles} must satisfy 0 <= low < high <= 100")
     spec = replace(base or ScalingSpec(), mode="stretch", band_names=tuple(bands),
                    low=None, high=None)
-    samples = _coarse_samples(group, spec, signer, max_side_px)
+    samples = _coarse_samples(group, spec, signer, max_side_px, network)
     if samples.shape[1] == 0:
         return replace(spec, low=(0.0,) * 3, high=(1.0,) * 3)
     low = np.percentile(samples, lo_pct, axis=1)
@@ -635,13 +801,13 @@ def compute_stretch(group: DateGroup, bands: Sequence[str] = ("R", "G", "B"),
 
 
 def _coarse_samples(group: DateGroup, spec: ScalingSpec, signer: Signer | None,
-                    max_side_px: int) -> np.ndarray:
+                    max_side_px: int, network: NetworkPolicy | None = None) -> np.ndarray:
     """Reflectance (3, N) of valid in-AOI pixels of every item, from decimated reads."""
     per_item = []
-    with rasterio.Env(**gdal_env_options()):
+    with rasterio.Env(**gdal_env_options(network)):
         for item in group.items:
             reads = item_read(item, spec.band_ids)
-            layers = [_coarse_band(reads.item_id, b, group, signer, max_side_px)
+            layers = [_coarse_band(reads.item_id, b, group, signer, max_side_px, network)
                       for b in reads.bands]
             ok = np.logical_and.reduce([m for _, m in layers])
             per_item.append(np.stack([reflectance(dn[ok], *_band_scale(b, spec, i))
@@ -650,7 +816,8 @@ def _coarse_samples(group: DateGroup, spec: ScalingSpec, signer: Signer | None,
 
 
 def _coarse_band(item_id: str, band: BandRead, group: DateGroup, signer: Signer | None,
-                 max_side_px: int) -> tuple[np.ndarray, np.ndarray]:
+                 max_side_px: int,
+                 network: NetworkPolicy | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A decimated read of one band and its valid-and-in-AOI mask."""
     def read(src: rasterio.DatasetReader) -> tuple[np.ndarray, np.ndarray]:
         factor = max(1, math.ceil(max(src.width, src.height) / max_side_px))
@@ -663,7 +830,7 @@ def _coarse_band(item_id: str, band: BandRead, group: DateGroup, signer: Signer 
         nodata = src.nodata if src.nodata is not None else band.nodata
         return dn, inside & (dn != nodata if nodata is not None else True)
 
-    return _with_signed_href(item_id, band, signer, read)
+    return _with_signed_href(item_id, band, signer, read, network)
 
 
 def _aoi_in_crs(group: DateGroup, crs: Any) -> shapely.Geometry:

@@ -153,6 +153,22 @@ def _short(err: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _gave_up(text: str) -> tuple[str, str] | None:
+    """(path, last failure) of urllib3's ``Max retries exceeded`` text for a flaky server, else None."""
+    match = re.search(r"Max retries exceeded with url: (\S+) \(Caused by (.*)\)$", text)
+    if not match:
+        return None
+    cause = match.group(2)
+    status = re.search(r"too many (\d{3}) error responses", cause)
+    if status:
+        return match.group(1), f"HTTP {status.group(1)}"
+    if "timed out" in cause.lower():
+        return match.group(1), "timed out"
+    if re.search(r"reset|RemoteDisconnected|aborted", cause):
+        return match.group(1), "connection reset"
+    return None  # e.g. connection refused: the server is down, not flaky
+
+
 def _api_error(cfg: StacConfig, err: Exception) -> DataError:
     """Translate a pystac-client/requests/JSON failure into a one-line DataError."""
     from pystac import STACTypeError
@@ -161,6 +177,10 @@ def _api_error(cfg: StacConfig, err: Exception) -> DataError:
     url = cfg.api_url
     if isinstance(err, APIError) and getattr(err, "status_code", None):
         return DataError(f"STAC API at {url} answered HTTP {err.status_code}: {_short(err)}: check stac.url and stac.collection")
+    gave_up = _gave_up(" ".join(str(err).split())) if isinstance(err, APIError) else None
+    if gave_up:
+        return DataError(f"STAC API at {url} is unreachable: {cfg.retries + 1} tries of {gave_up[0]} failed (last: {gave_up[1]}): "
+                         "check the URL and that the server is up, or raise stac.retries/stac.timeout_s")
     if isinstance(err, APIError):
         return DataError(f"STAC API at {url} is unreachable: {_short(err)}: check the URL and that the server is up")
     if isinstance(err, (json.JSONDecodeError, STACTypeError, KeyError, TypeError, ValueError)):
@@ -557,11 +577,19 @@ class HrefSigner:
     """Signs asset hrefs right before reading, caching one SAS token per container until near expiry.
 
     Call it with an unsigned href; call :meth:`resign` after an HTTP 403 to force a fresh token.
-    Non-Azure hrefs (local paths, other hosts) pass through unchanged.
+    Hrefs that ``container_of`` does not place in a container pass through unchanged (by
+    default: everything but Azure Blob Storage URLs, e.g. local paths and other hosts).
+
+    Args:
+        fetch: token fetcher ``(account, container, fresh) -> (token, expiry)``; None: no signing.
+        refresh_margin_s: fetch a new token when the cached one expires within this margin.
+        container_of: ``href -> (account, container)`` or None for hrefs that need no token.
     """
 
-    def __init__(self, fetch: TokenFetcher | None, refresh_margin_s: float = 300.0):
+    def __init__(self, fetch: TokenFetcher | None, refresh_margin_s: float = 300.0,
+                 container_of: Callable[[str], tuple[str, str] | None] | None = None):
         self._fetch = fetch
+        self._container_of = container_of or _blob_container
         self._margin = timedelta(seconds=refresh_margin_s)
         self._tokens: dict[tuple[str, str], tuple[str, datetime]] = {}
 
@@ -578,7 +606,7 @@ class HrefSigner:
         return cached[0]
 
     def _sign(self, href: str, fresh: bool) -> str:
-        container = _blob_container(href) if self._fetch else None
+        container = self._container_of(href) if self._fetch else None
         return href if container is None else f"{href}?{self._token(container, fresh)}"
 
     def __call__(self, href: str) -> str:
@@ -590,14 +618,17 @@ class HrefSigner:
         return self._sign(href, fresh=True)
 
 
-def make_href_signer(cfg: StacConfig, fetch: TokenFetcher | None = None) -> HrefSigner:
+def make_href_signer(cfg: StacConfig, fetch: TokenFetcher | None = None,
+                     container_of: Callable[[str], tuple[str, str] | None] | None = None) -> HrefSigner:
     """The href signer for a config: identity for ``local`` or ``sign=False``, else Planetary Computer SAS.
 
     Args:
         cfg: the STAC config (its ``pc_key`` or ``PC_SDK_SUBSCRIPTION_KEY`` is used, never shown).
         fetch: token fetcher ``(account, container, fresh) -> (token, expiry)``; defaults to
             ``planetary_computer``'s.
+        container_of: which hrefs need a token, and for which (account, container); defaults
+            to Azure Blob Storage URLs.
     """
     if cfg.kind != "planetary_computer" or not cfg.sign:
         return HrefSigner(None)
-    return HrefSigner(fetch or pc_token_fetcher(cfg))
+    return HrefSigner(fetch or pc_token_fetcher(cfg), container_of=container_of)

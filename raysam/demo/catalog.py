@@ -577,6 +577,42 @@ def _wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
     raise DataError(f"rustac serve did not answer at {url} within {timeout_s:.0f} s: check the port is free")
 
 
+def rebase_catalog(info: CatalogInfo, base_url: str, dest: Path) -> Path:
+    """Copy a local catalog's collection and items to ``dest`` with asset hrefs under ``base_url``.
+
+    The COGs stay where they are: serve ``info.root`` at ``base_url`` (any HTTP server with
+    range requests) and ``dest`` with :func:`serve_catalog`; an asset at ``info.root/cogs/x.tif``
+    gets the href ``base_url/cogs/x.tif``.
+
+    Args:
+        info: a catalog written with local hrefs (``base_url=None``).
+        base_url: ``http://host:port[/prefix]`` that serves ``info.root``.
+        dest: directory for ``collection.json`` and ``items.ndjson`` (created).
+
+    Returns:
+        ``dest/items.ndjson``, ready for :func:`serve_catalog`.
+
+    Raises:
+        DataError: an asset href does not lie under ``info.root``.
+    """
+    root = Path(info.root).resolve()
+    lines = []
+    for line in Path(info.items_ndjson).read_text().splitlines():
+        item = json.loads(line)
+        for asset in item.get("assets", {}).values():
+            path = Path(asset["href"])
+            if not path.is_absolute() or not path.resolve().is_relative_to(root):
+                raise DataError(f"asset href {asset['href']} of item {item['id']} is not a file under {root}: "
+                                "rebase a catalog built with local hrefs (base_url=None)")
+            asset["href"] = _href(path.resolve(), root, base_url)
+        lines.append(json.dumps(item) + "\n")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(info.collection_path, dest / "collection.json")
+    (dest / "items.ndjson").write_text("".join(lines))
+    return dest / "items.ndjson"
+
+
 def serve_catalog(items_dir_or_ndjson: Path, port: int, timeout_s: float = 30.0) -> subprocess.Popen:
     """Serve a catalog as a STAC API with ``rustac serve`` on 127.0.0.1 (memory backend).
 

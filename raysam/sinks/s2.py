@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from raysam.grid import ChipTask, DateGroup, plan_chip_tasks
 from raysam.items import REFLECTANCE_SCALE, canonical_band
-from raysam.read import SCL, Signer, aoi_mask, gdal_env_options, read_band_dn
+from raysam.read import SCL, NetworkPolicy, Signer, aoi_mask, gdal_env_options, read_band_dn
 
 TILE_PX = 2048  # window read per step; a multiple of the COG block size
 BLOCK = 512  # COG block side (GDAL's COG default)
@@ -32,7 +32,7 @@ ScaleOffset = tuple[float, float]
 
 
 def write_s2_rasters(group: DateGroup, bands: Sequence[str], out_dir: Path,
-                     signer: Signer | None = None) -> list[Path]:
+                     signer: Signer | None = None, network: NetworkPolicy | None = None) -> list[Path]:
     """Write one COG per band (``<out_dir>/<band id>.tif``) on the group's target grid.
 
     Args:
@@ -40,6 +40,7 @@ def write_s2_rasters(group: DateGroup, bands: Sequence[str], out_dir: Path,
         bands: band ids or aliases (``B04``, ``R``, ``SCL``); duplicates are written once.
         out_dir: output folder (created).
         signer: href signer, as for :func:`raysam.read.read_chip`.
+        network: timeouts and retries of the reads (None: :class:`NetworkPolicy` defaults).
 
     Returns:
         The COG paths, in band order. Pixels outside the AOI or without data are 0 (nodata);
@@ -51,7 +52,7 @@ def write_s2_rasters(group: DateGroup, bands: Sequence[str], out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     band_ids = tuple(dict.fromkeys(canonical_band(b) for b in bands))
     tmp_paths = {b: out_dir / f".{b}.tiled.tif" for b in band_ids}
-    scale_offset = _write_tiled(group, tmp_paths, signer)
+    scale_offset = _write_tiled(group, tmp_paths, signer, network)
     paths = []
     for band_id, tmp in tmp_paths.items():
         default = (1.0, 0.0) if band_id in CATEGORICAL_BANDS else (REFLECTANCE_SCALE, 0.0)
@@ -70,15 +71,15 @@ def _tiled_profile(group: DateGroup) -> dict[str, Any]:
 
 
 def _write_tiled(group: DateGroup, tmp_paths: dict[str, Path],
-                 signer: Signer | None) -> dict[str, ScaleOffset]:
+                 signer: Signer | None, network: NetworkPolicy | None) -> dict[str, ScaleOffset]:
     """Stream every band, window by window, into its tiled GeoTIFF; (scale, offset) per band."""
     scale_offset: dict[str, ScaleOffset] = {}
     dsts = {b: rasterio.open(p, "w", **_tiled_profile(group)) for b, p in tmp_paths.items()}
     try:
-        with rasterio.Env(**gdal_env_options()):
+        with rasterio.Env(**gdal_env_options(network)):
             for task in plan_chip_tasks(group, tuple(dsts), chip_size=TILE_PX,
                                         spatial_overlap=0.0):
-                _write_window(task, group, dsts, signer, scale_offset)
+                _write_window(task, group, dsts, signer, scale_offset, network)
     finally:
         for dst in dsts.values():
             dst.close()
@@ -86,7 +87,7 @@ def _write_tiled(group: DateGroup, tmp_paths: dict[str, Path],
 
 
 def _write_window(task: ChipTask, group: DateGroup, dsts: dict[str, Any], signer: Signer | None,
-                  scale_offset: dict[str, ScaleOffset]) -> None:
+                  scale_offset: dict[str, ScaleOffset], network: NetworkPolicy | None) -> None:
     """Read one window of every band, clip it to the AOI and the grid, and write it."""
     col_off, row_off, width, height = task.window_px
     w, h = min(width, group.grid.width - col_off), min(height, group.grid.height - row_off)
@@ -94,7 +95,7 @@ def _write_window(task: ChipTask, group: DateGroup, dsts: dict[str, Any], signer
     for band_id, dst in dsts.items():
         resampling = (Resampling.nearest if band_id in CATEGORICAL_BANDS
                       else Resampling.bilinear)
-        dn, band = read_band_dn(task, band_id, signer, resampling)
+        dn, band = read_band_dn(task, band_id, signer, resampling, network=network)
         scale_offset.setdefault(band_id, (band.scale, band.offset_dn * band.scale))
         tile = np.where(in_aoi, dn[:h, :w], 0).astype(np.uint16)
         dst.write(tile[None], window=Window(col_off, row_off, w, h))
