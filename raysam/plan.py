@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from raysam.config import RunConfig, check_path_component
 from raysam.grid import ChipTask, DateGroup, make_date_group, plan_chip_tasks
 from raysam.region import Region
-from raysam.sinks.store import OutputRoot
+from raysam.sinks.store import GroupLock, OutputRoot
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,54 @@ def plan_run(cfg: RunConfig, region: Region, items: list, model_manifest: dict, 
         complete = not cfg.output.overwrite and root.is_complete(out_dir, fingerprint)
         groups.append(GroupPlan(group, out_dir, n_chips, group.aoi_utm.area / 1e6, complete))
     return RunPlan(region, run_key, fingerprint, tuple(groups))
+
+
+def claim_todo(plan: RunPlan, root: OutputRoot, overwrite: bool = False
+               ) -> tuple[tuple[GroupPlan, ...], dict[str, GroupLock]]:
+    """Lock every incomplete date group, then drop those another run completed meanwhile.
+
+    Locks are taken in date-group order, all or none, so two runs on one root never deadlock;
+    once a group's lock is held, whatever an interrupted run left next to it is removed.
+
+    Args:
+        plan: the run plan (its ``todo`` groups are claimed).
+        root: the output root holding the groups and their locks.
+        overwrite: redo groups even if complete (``output.overwrite``).
+
+    Returns:
+        The groups still to do and their locks (release each with :meth:`OutputRoot.release`).
+
+    Raises:
+        ConfigError: another run holds a group's lock (names the group and the lock file).
+    """
+    locks: dict[str, GroupLock] = {}
+    try:
+        for g in plan.todo:
+            locks[g.group.id] = root.claim(g.group.id, g.out_dir)
+    except BaseException:
+        release_all(root, locks)
+        raise
+    todo = []
+    for g in plan.todo:
+        if not overwrite and root.is_complete(g.out_dir, plan.fingerprint):
+            log.info("date group %s was completed by another run meanwhile: skipped", g.group.id)
+            root.release(locks.pop(g.group.id))
+            continue
+        if removed := root.remove_leftovers(g.out_dir):
+            log.info("date group %s: removed %d leftover staging entr%s of an interrupted run",
+                     g.group.id, removed, "y" if removed == 1 else "ies")
+        todo.append(g)
+    return tuple(todo), locks
+
+
+def release_all(root: OutputRoot, locks: dict[str, GroupLock]) -> None:
+    """Release every lock still held (on success, failure or interrupt)."""
+    while locks:
+        _, lock = locks.popitem()
+        try:
+            root.release(lock)
+        except Exception as err:  # noqa: BLE001 - releasing must not hide the run's own error
+            log.warning("could not release lock %s (%s); delete it before the next run", lock.path, err)
 
 
 def iter_chip_tasks(cfg: RunConfig, group: DateGroup) -> Iterator[ChipTask]:

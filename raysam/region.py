@@ -27,7 +27,14 @@ from raysam.errors import ConfigError, DataError
 
 PKG_SCHEME = "pkg://"
 WGS84 = "EPSG:4326"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_NAME_CHARS = 128  # a date group's directory and lock add ~40 characters; file names stop at 255
+# Bounds on one region, checked before any search: one target grid (the UTM zone of the AOI
+# centroid) serves the whole AOI, and its scale error grows off the zone's centre (about 3.5 %
+# at 15 degrees of longitude), so wider regions must be split. The area cap is above Texas
+# (696,000 km², the largest contiguous US state): about 40,000 chips per date at overlap 0.5.
+MAX_AOI_LON_SPAN_DEG = 30.0
+MAX_AOI_KM2 = 1_000_000.0
 _WKT_RE = re.compile(r"^\s*(MULTI)?POLYGON\b", re.IGNORECASE)
 _GEOJSON_SUFFIXES = (".geojson", ".json")
 _PARQUET_SUFFIXES = (".parquet", ".geoparquet")
@@ -113,10 +120,21 @@ def load_region(spec: RegionSpec) -> Region:
 
 
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is a safe path component, else raise ConfigError."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name or name == ".":
+    """Return ``name`` if it is a safe path component, else raise ConfigError.
+
+    The name becomes a directory under the output root and the prefix of every date-group
+    directory, so it must not be able to leave the root (``..``, slashes, absolute paths, NUL),
+    hide itself (a leading dot), start like an option (a leading ``-``) or overflow a file name.
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ConfigError(f"region name {name!r} is not a safe path component; use only "
                           "letters, digits, '-', '_' and '.' (no '..', no slashes)")
+    if not name[0].isalnum():
+        raise ConfigError(f"region name {name!r} is not a safe path component; start it with "
+                          "a letter or digit")
+    if len(name) > MAX_NAME_CHARS:
+        raise ConfigError(f"region name {name[:20]!r}... is not a safe path component: "
+                          f"{len(name)} characters long; use at most {MAX_NAME_CHARS}")
     return name
 
 
@@ -130,6 +148,9 @@ def parse_time_range(time_range: Any, name: str = "region") -> tuple[datetime, d
     if end < start:
         raise ConfigError(f"region {name}: time_range end {time_range[1]} is before start "
                           f"{time_range[0]}; swap them")
+    if start > datetime.now(UTC):
+        raise ConfigError(f"region {name}: time_range starts {time_range[0]}, in the future, so "
+                          "no imagery exists yet; give a start date in the past")
     return start, end
 
 
@@ -225,6 +246,10 @@ def bbox_polygon(values: Any, name: str = "region") -> Polygon:
             and -90 <= maxy <= 90):
         raise ConfigError(f"region {name}: bbox {values!r} is outside lon -180..180 / lat "
                           "-90..90; give minx,miny,maxx,maxy in degrees")
+    if minx - maxx > 180 and miny < maxy:  # RFC 7946 5.2: minx > maxx means crossing lon 180
+        raise ConfigError(f"region {name}: bbox {values!r} crosses the antimeridian (minx > "
+                          "maxx), which one UTM grid cannot hold; split it into two regions at "
+                          "lon 180")
     if not (minx < maxx and miny < maxy):
         raise ConfigError(f"region {name}: bbox {values!r} is empty or reversed; give "
                           "minx,miny,maxx,maxy with min < max")
@@ -359,7 +384,35 @@ def validate_aoi(geom: shapely.Geometry, name: str = "region") -> Polygon | Mult
     if geom.area == 0:
         raise DataError(f"region {name}: the AOI polygon has zero area; give a polygon with area")
     minx, miny, maxx, maxy = geom.bounds
+    if _crosses_antimeridian(geom):
+        raise ConfigError(f"region {name}: the AOI crosses the antimeridian (lon 180), which one "
+                          "UTM grid cannot hold; split it into two regions at lon 180")
     if minx < -180 or maxx > 180 or miny < -90 or maxy > 90:
         raise DataError(f"region {name}: AOI bounds {geom.bounds} exceed lon/lat range; is the "
                         "file's CRS declared correctly?")
+    check_aoi_size(geom, name)
     return geom
+
+
+def _crosses_antimeridian(geom: Polygon | MultiPolygon) -> bool:
+    """True if a ring jumps more than 180 degrees of longitude (-179 to 179 the short way) or
+    runs past lon +-180, as antimeridian-crossing GeoJSON and WKT do."""
+    minx, _, maxx, _ = geom.bounds
+    if (-180 <= minx and 180 < maxx <= 360) or (-360 <= minx < -180 and maxx <= 180):
+        return True
+    polygons = geom.geoms if geom.geom_type == "MultiPolygon" else [geom]
+    return any(np.any(np.abs(np.diff(np.asarray(p.exterior.coords)[:, 0])) > 180) for p in polygons)
+
+
+def check_aoi_size(geom: Polygon | MultiPolygon, name: str = "region") -> None:
+    """Refuse an AOI wider than :data:`MAX_AOI_LON_SPAN_DEG` or larger than :data:`MAX_AOI_KM2`."""
+    minx, _, maxx, _ = geom.bounds
+    if maxx - minx > MAX_AOI_LON_SPAN_DEG:
+        raise ConfigError(f"region {name}: the AOI spans {maxx - minx:.1f} degrees of longitude, "
+                          f"more than one grid can hold ({MAX_AOI_LON_SPAN_DEG:g}); split it into "
+                          "smaller regions (e.g. one per state)")
+    area_km2 = abs(pyproj.Geod(ellps="WGS84").geometry_area_perimeter(geom)[0]) / 1e6
+    if area_km2 > MAX_AOI_KM2:
+        raise ConfigError(f"region {name}: the AOI covers {area_km2:,.0f} km², more than the "
+                          f"{MAX_AOI_KM2:,.0f} km² one run may plan; split it into smaller "
+                          "regions (e.g. one per state)")

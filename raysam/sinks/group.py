@@ -42,6 +42,7 @@ class GroupSinkSpec:
     run_key: str
     manifest_base: dict = field(default_factory=dict)
     signer: Any = None  # signs asset hrefs for the s2_raster reads (raysam.stac.make_href_signer)
+    network: Any = None  # raysam.read.NetworkPolicy for those reads (None: its defaults)
 
 
 class GroupWriter:
@@ -108,7 +109,8 @@ class GroupWriter:
         s2_dir = None
         if "s2_raster" in self.spec.sinks:
             s2_dir = self.staging / "s2"
-            write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir, self.spec.signer)
+            write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir, self.spec.signer,
+                             self.spec.network)
         if "quicklook" in self.spec.sinks:
             write_quicklook(self.staging / "labels.tif", s2_dir, self.staging / "quicklook.png")
         manifest = {

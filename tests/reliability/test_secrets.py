@@ -1,0 +1,140 @@
+"""Secrets and trust: the STAC key leaves no trace, names cannot escape the root, models are verified.
+
+A distinctive fake Planetary Computer key is planted on the command line (``stac.pc_key=``) or in
+``PC_SDK_SUBSCRIPTION_KEY``; every file the run writes (output root, Hydra's run directory,
+Ray's session directory under a dedicated ``RAY_TMPDIR``) and everything it prints is searched
+for it byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from raysam.errors import ConfigError
+from raysam.region import validate_name
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_AOI = "-90.035,41.815,-89.965,41.865"  # straddles lon -90; one chip per date
+ONE_DATE = "region.time_range=[2024-06-28,2024-07-05]"
+
+
+def _planted_key() -> str:
+    return f"PLANTED-pc-key-{uuid.uuid4().hex}"
+
+
+def _run(tmp_path: Path, demo_catalog, *args: str, env: dict | None = None, model_dir: Path | None = None,
+         ) -> subprocess.CompletedProcess:
+    """``python -m raysam.run`` in its own process group; whatever it leaves running is killed."""
+    model = model_dir or demo_catalog.root.parent / "models" / "demo"
+    cmd = [sys.executable, "-m", "raysam.run", f"stac.demo_root={demo_catalog.root.parent}", f"model.path={model}",
+           f"hydra.run.dir={tmp_path / 'hydra'}", f"output.root={tmp_path / 'out'}", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**_base_env(), "PYTHONPATH": str(REPO), **(env or {})})
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _base_env() -> dict[str, str]:
+    """This process's environment without a Ray address (each run starts its own local Ray)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PC_SDK_SUBSCRIPTION_KEY")}
+
+
+def _files_holding(needle: str, *roots: Path) -> tuple[list[Path], int]:
+    """The regular files under ``roots`` whose bytes contain ``needle``, and how many were read."""
+    hits, n = [], 0
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                n += 1
+                if needle.encode() in path.read_bytes():
+                    hits.append(path)
+    return hits, n
+
+
+@pytest.fixture()
+def ray_tmp():
+    """A short, private RAY_TMPDIR (Unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_planted_key_is_in_no_file_the_run_writes(tmp_path, demo_catalog, ray_tmp):
+    key = _planted_key()
+    result = _run(tmp_path, demo_catalog, "region=demo", "model=demo", "sam.points_per_side=4",
+                  f"region.geometry='{SMALL_AOI}'", ONE_DATE, f"stac.pc_key={key}", env={"RAY_TMPDIR": str(ray_tmp)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifests = list((tmp_path / "out").rglob("manifest.json"))
+    assert len(manifests) == 1 and '"pc_key": "<redacted>"' in manifests[0].read_text()  # the key did reach the run
+    ray_logs = [p for p in ray_tmp.rglob("session_*/logs/*") if p.is_file()]
+    assert any(p.name.startswith("raylet") for p in ray_logs) and any("worker" in p.name for p in ray_logs)
+    assert list((tmp_path / "hydra" / ".hydra").glob("*.yaml"))
+    hits, n_files = _files_holding(key, tmp_path, ray_tmp)
+    assert n_files > 50 and hits == [], hits
+    assert key not in result.stdout + result.stderr
+
+
+def test_key_from_the_environment_stays_out_of_a_failing_runs_traceback(tmp_path, demo_catalog):
+    key = _planted_key()
+    result = _run(tmp_path, demo_catalog, "region=iowa", "model=demo", "stac.url=http://127.0.0.1:9",
+                  "stac.retries=0", "stac.timeout_s=2", "verbose=true", env={"PC_SDK_SUBSCRIPTION_KEY": key})
+    assert result.returncode != 0 and "Traceback" in result.stderr  # verbose: the full trace is shown
+    assert key not in result.stdout + result.stderr
+    hits, n_files = _files_holding(key, tmp_path)
+    assert n_files > 0 and hits == [], hits
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc"])
+def test_region_names_that_could_escape_the_root_are_refused_before_any_work(tmp_path, demo_catalog, name):
+    result = _run(tmp_path, demo_catalog, "region=demo", "model=demo", f"region.name='{name}'")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("raysam: error:") and "region.name=" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a\0b", "demo\n", "..", ".", "", ".hidden", "-rf", "a/b", "a\\b", "x" * 129,
+                                  "déjà", "C:evil"])
+def test_unsafe_region_names(name):
+    with pytest.raises(ConfigError, match="region name"):
+        validate_name(name)
+
+
+def test_safe_region_names():
+    for name in ("iowa", "iowa-2024_v1.0", "x" * 128, "0demo"):
+        assert validate_name(name) == name
+
+
+def test_model_file_changed_at_the_same_size_is_refused_before_any_work(tmp_path, demo_catalog):
+    from raysam.demo.model import build_demo_model
+
+    model_dir = build_demo_model(tmp_path / "model")
+    decoder = model_dir / "decoder.onnx"
+    data = bytearray(decoder.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size: only the checksum can tell
+    decoder.write_bytes(bytes(data))
+    result = _run(tmp_path, demo_catalog, "region=demo", "model=demo", model_dir=model_dir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith(
+        "raysam: error: decoder.onnx does not match the sha256 in manifest.json (corrupt or replaced): re-run "
+    ), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
