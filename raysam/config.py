@@ -102,6 +102,19 @@ class OutputSchema:
 
 
 @dataclass
+class NetworkSchema:
+    """COG reads over HTTP: see :class:`raysam.read.NetworkPolicy` (GDAL_HTTP_* env vars win)."""
+
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    gdal_retries: int = 4
+    gdal_retry_delay_s: float = 1.0
+    tries: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+
+@dataclass
 class RunSchema:
     region: RegionSchema = field(default_factory=RegionSchema)
     stac: StacSchema = field(default_factory=StacSchema)
@@ -109,6 +122,7 @@ class RunSchema:
     sam: SamSchema = field(default_factory=SamSchema)
     ray: RaySchema = field(default_factory=RaySchema)
     output: OutputSchema = field(default_factory=OutputSchema)
+    network: NetworkSchema = field(default_factory=NetworkSchema)
     dry_run: bool = False
     device: str = "auto"
     verbose: bool = False
@@ -138,7 +152,7 @@ def _check(ok: bool, message: str) -> None:
 def check_path_component(value: str, what: str) -> str:
     """Refuse names that could escape the output root when used as a path component."""
     _check(
-        isinstance(value, str) and bool(_SAFE_NAME.match(value)) and ".." not in value,
+        isinstance(value, str) and bool(_SAFE_NAME.fullmatch(value)) and ".." not in value,
         f"{what}={value!r} is not a safe name: use letters, digits, '-', '_' and '.' only",
     )
     return value
@@ -198,7 +212,12 @@ class MergeConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """Ray resources. The seed's ``num_workers`` is ``sam_actors``."""
+    """Ray resources and retries. The seed's ``num_workers`` is ``sam_actors``.
+
+    ``max_task_retries`` bounds the in-task retries of transient I/O errors in chip reads and
+    SAM calls; lost workers and nodes are retried without limit
+    (:func:`raysam.pipeline.configure_retries`).
+    """
 
     address: str | None = None
     sam_actors: int = 1
@@ -249,6 +268,7 @@ class RunConfig:
     merge: MergeConfig
     ray: RayConfig
     output: OutputConfig
+    network: Any = None  # raysam.read.NetworkPolicy (None: its defaults)
     dry_run: bool = False
     device: str = "auto"
     verbose: bool = False
@@ -272,6 +292,7 @@ def to_run_config(cfg: Any) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from raysam.read import NetworkPolicy
     from raysam.region import RegionSpec
     from raysam.sam.contract import MODEL_TYPES
     from raysam.sam.params import AmgParams
@@ -318,6 +339,7 @@ def to_run_config(cfg: Any) -> RunConfig:
             root=output["root"], sinks=tuple(output["sinks"]), s2_bands=tuple(output["s2_bands"]),
             overwrite=output["overwrite"],
         ),
+        network=NetworkPolicy(**_plain(cfg, "network")),
         dry_run=bool(cfg.dry_run),
         device=str(cfg.device),
         verbose=bool(cfg.verbose),

@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import raysam
 from raysam.config import RunConfig, redacted
 from raysam.errors import ConfigError
-from raysam.plan import RunPlan, describe, plan_run
+from raysam.plan import GroupPlan, RunPlan, claim_todo, describe, plan_run, release_all
 from raysam.records import GridInfo
 from raysam.region import Region, load_region
 from raysam.sinks.store import OutputRoot
@@ -112,8 +112,11 @@ def init_ray(cfg: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"address": cfg.ray.address, "log_to_driver": True, "include_dashboard": False}
-    if cfg.ray.object_store_gb and cfg.ray.address is None:
+    # No address: the cluster of a `ray job submit` (RAY_ADDRESS), else a fresh local instance,
+    # never whatever `ray start` cluster happens to run on this machine (use ray=cluster for that).
+    address = cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "include_dashboard": False}
+    if cfg.ray.object_store_gb and address == "local":
         kwargs["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
     ray.init(**{k: v for k, v in kwargs.items() if v is not None or k == "address"})
 
@@ -157,20 +160,35 @@ def _scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
     base = ScalingSpec(mode="reflectance", band_names=cfg.chip.band_names,
                        band_scaling=cfg.chip.band_scaling, band_offset=cfg.chip.band_offset)
     if cfg.chip.scaling == "stretch":
-        return compute_stretch(group, cfg.chip.band_names, signer=signer, base=base)
+        return compute_stretch(group, cfg.chip.band_names, signer=signer, base=base, network=cfg.network)
     return base
 
 
 def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
-    """Run the pipeline over the incomplete date groups and write their sinks."""
+    """Claim the incomplete date groups (one lock each), run the pipeline and write their sinks.
+
+    Raises:
+        ConfigError: another run on the same output root holds a date group's lock.
+    """
+    todo, locks = claim_todo(prepared.plan, prepared.root, cfg.output.overwrite)
+    try:
+        with prepared.root.keep_alive(list(locks.values())):
+            return _execute(cfg, prepared, todo, lambda gid: prepared.root.release(locks.pop(gid)))
+    finally:
+        release_all(prepared.root, locks)
+
+
+def _execute(cfg: RunConfig, prepared: Prepared, todo: tuple[GroupPlan, ...],
+             published: Callable[[str], None]) -> dict[str, Any]:
+    """Run the pipeline over the claimed groups ``todo``; ``published(group_id)`` after each."""
     import ray
 
-    from raysam.pipeline import STATS_ACTOR, RunStats, merged_records, model_source_for, resolve_unresolved, sam_records
+    from raysam.pipeline import (STATS_ACTOR, RunStats, merged_records, model_source_for, resolve_unresolved,
+                                 sam_records, with_driver_memory)
     from raysam.sinks.group import GroupSinkSpec, GroupWriter
     from raysam.stac import make_href_signer
 
     plan = prepared.plan
-    todo = plan.todo
     for g in plan.groups:
         if g.complete:
             log.info("date group %s is complete in %s: skipped", g.group.id, g.out_dir)
@@ -189,12 +207,13 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
                                   g.group.grid.width) for g in todo}
     groups = {g.group.id: g.group for g in todo}
     records_ds = sam_records(groups, cfg, scaling, model_source_for(cfg, prepared.model_dir))
-    ds = merged_records(records_ds, cfg.merge, grids)
+    # No chip gave a mask (all skipped, or nothing found): nothing to merge, every group is empty.
+    ds = merged_records(records_ds, cfg.merge, grids) if records_ds.count() else None
     unresolved: dict[str, list[pa.Table]] = {}
     base = manifest_base(cfg, prepared)
     specs = {
         g.group.id: GroupSinkSpec(g.group, g.out_dir, cfg.output.sinks, cfg.output.s2_bands,
-                                  plan.fingerprint, plan.run_key, base, signer)
+                                  plan.fingerprint, plan.run_key, base, signer, cfg.network)
         for g in todo
     }
     writers: dict[str, GroupWriter] = {}
@@ -207,10 +226,11 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
             pending = pa.concat_tables(unresolved.pop(group_id))
             kept = resolve_unresolved(records_ds, group_id, pending.column("uid").to_pylist(), cfg.merge, grids[group_id])
             writer.add(pending.filter(pc.is_in(pending.column("uid"), value_set=pa.array(sorted(kept), pa.string()))))
-        counts = ray.get(stats.summary.remote(group_id))
+        counts = with_driver_memory(ray.get(stats.summary.remote(group_id)))
         elapsed = time.perf_counter() - t0
         counts["chips_per_s"] = counts["chips_read"] / elapsed if elapsed else 0.0
         manifest = writer.close(counts, {**ray.get(stats.stage_seconds.remote()), "pipeline_wall": elapsed})
+        published(group_id)
         metrics["groups_done"] += 1
         metrics["chips_read"] += counts["chips_read"]
         metrics["chips_skipped"] += counts["chips_skipped"]
@@ -218,7 +238,7 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
         log.info("date group %s: %d masks -> %s", group_id, manifest["counts"]["masks_after_merge"], specs[group_id].out_dir)
 
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048):
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048) if ds is not None else ():
             table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
             for group_id in pc.unique(table.column("date_group_id")).to_pylist():
                 for done in [gid for gid in writers if gid < group_id]:

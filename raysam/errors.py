@@ -5,6 +5,7 @@ is raised as a :class:`RaysamError` whose message is one line naming the problem
 The entrypoints print that line and exit non-zero without a stack trace.
 """
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -40,3 +41,30 @@ def run_cli(body: Callable[[], object]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT_CODE
     return 0
+
+
+_REMOTE_ERROR_RE = re.compile(r"raysam\.errors\.(ConfigError|ModelError|DataError|RaysamError): (.+)")
+
+
+def user_error_in(err: BaseException) -> RaysamError | None:
+    """The :class:`RaysamError` behind an exception that Ray wrapped, if there is one.
+
+    A task's error comes back as ``RayTaskError`` with the original in its cause chain; an
+    actor that failed in its constructor comes back as ``ActorDiedError`` with the original
+    only in its message text. Either way the user should see our one line, not Ray's report.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RaysamError):
+            return e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    match = _REMOTE_ERROR_RE.search(str(err))
+    if match:
+        return {"ConfigError": ConfigError, "ModelError": ModelError, "DataError": DataError,
+                "RaysamError": RaysamError}[match.group(1)](match.group(2))
+    return None

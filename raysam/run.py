@@ -8,7 +8,9 @@ on stderr and exit code 2 (``verbose=true`` shows the stack trace).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from raysam.config import PC_KEY_ENV, RunConfig, to_run_config
-from raysam.errors import RaysamError
+from raysam.errors import RaysamError, user_error_in
 
 log = logging.getLogger("raysam")
 
@@ -76,8 +78,54 @@ def hide_secret_overrides(argv: list[str]) -> list[str]:
     return kept
 
 
+# Hydra flags whose next argument is their value, not an override.
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+_RUN_FLAGS = ("-m", "--multirun")  # the only flags with which the overrides are checked first
+
+
+def override_error(argv: list[str]) -> str | None:
+    """Compose the config once with the command line's overrides (sweeps left out).
+
+    Hydra reports a bad override (a wrong type, an unknown key or config group) in several
+    lines and exits 1; this finds it first so the run can say it in one line and exit 2.
+    Command lines with other Hydra flags (``--cfg``, ``--help``, ...) are left to Hydra.
+
+    Returns:
+        The problem in one line, or None when the overrides compose.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    args = argv[1:]
+    if any(a.startswith("-") and a not in _RUN_FLAGS for a in args):
+        return None
+    overrides = [a for a in args if a not in _RUN_FLAGS]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name="config", overrides=plain)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = str(err).split("Config search path")[0]
+        if err.__cause__ is not None:  # the why: "Value 'abc' could not be converted to Integer"
+            message += f": {str(err.__cause__).strip().splitlines()[0]}"
+        return f"bad command-line override: {' '.join(message.split())[:300]}"
+    return None
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.getLogger("raysam").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (a preempted node, ``kubectl delete``) into SystemExit, so the run's cleanup
+    (staging directories, date-group locks) runs as it does for Ctrl-C. Ray sets the same
+    handler once it starts; this covers the planning and claiming before it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -93,7 +141,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if cfg.dry_run:
         print(prepared.describe())
         return {"dry_run": True, "groups": len(prepared.plan.groups)}
-    metrics = execute(cfg, prepared)
+    try:
+        metrics = execute(cfg, prepared)
+    except RaysamError:
+        raise
+    except Exception as err:  # Ray wraps errors from tasks and actors: show ours, not its report
+        if (user := user_error_in(err)) is None:
+            raise
+        raise user from err
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["chips_per_s"] = metrics["chips_read"] / metrics["wall_s"] if metrics["wall_s"] else 0.0
     print(
@@ -109,6 +164,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Hydra task: validate, then :func:`run`. Exits 2 with one line on a user error."""
     verbose = bool(cfg.get("verbose", False))
     _setup_logging(verbose)
+    _exit_on_sigterm()
     try:
         return run(to_run_config(cfg))
     except RaysamError as err:
@@ -120,4 +176,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
 if __name__ == "__main__":
     sys.argv = hide_secret_overrides(sys.argv)
+    if problem := override_error(sys.argv):
+        print(f"raysam: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
