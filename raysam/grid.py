@@ -132,6 +132,7 @@ class BandRead:
         offset_dn: DN offset added before scaling.
         scale: reflectance per DN (1.0 for SCL).
         nodata: nodata DN.
+        epsg: the CRS the item declares (``proj:epsg``/``proj:code``); the file must match.
     """
 
     band: str
@@ -140,6 +141,7 @@ class BandRead:
     offset_dn: float = 0.0
     scale: float = 1.0
     nodata: float | None = 0
+    epsg: int | None = None
 
 
 @dataclass(frozen=True)
@@ -356,7 +358,7 @@ def item_read(item: ParsedItem, band_ids: Sequence[str]) -> ItemRead:
             raise DataError(f"item {item.id} has no band {band_id} (has "
                             f"{', '.join(sorted(item.bands))}); choose bands the catalog offers")
         reads.append(BandRead(band_id, asset.key, asset.href, asset.offset_dn, asset.scale,
-                              asset.nodata))
+                              asset.nodata, item.epsg))
     return ItemRead(item.id, tuple(reads))
 
 

@@ -472,16 +472,26 @@ def _read_band(item_id: str, band: BandRead, task: ChipTask, signer: Signer | No
                network: NetworkPolicy | None = None) -> np.ndarray:
     """One band on the chip grid (aligned read or warp), with the network policy's retries."""
     def read(src: rasterio.DatasetReader) -> np.ndarray:
-        if src.dtypes[0] not in INTEGER_DN_DTYPES:  # permanent: a DataError is never retried
-            raise DataError(f"item {item_id} asset {band.key}: {_without_query(band.href)} holds "
-                            f"{src.dtypes[0]} pixels, not Sentinel-2 L2A integer DNs "
-                            f"({', '.join(INTEGER_DN_DTYPES)}): fix the catalog's href")
+        _check_source(item_id, band, src)
         index = _aligned_index(src, band, task, resampling) if fast_path else None
         if index is not None:
             return _read_aligned(src, band, *index)
         return _warp(src, band, task, resampling)
 
     return _with_signed_href(item_id, band, signer, read, network)
+
+
+def _check_source(item_id: str, band: BandRead, src: rasterio.DatasetReader) -> None:
+    """Refuse a file that is not what its item says (permanent: a DataError is never retried)."""
+    if src.dtypes[0] not in INTEGER_DN_DTYPES:
+        raise DataError(f"item {item_id} asset {band.key}: {_without_query(band.href)} holds "
+                        f"{src.dtypes[0]} pixels, not Sentinel-2 L2A integer DNs "
+                        f"({', '.join(INTEGER_DN_DTYPES)}): fix the catalog's href")
+    file_epsg = src.crs.to_epsg() if src.crs else None
+    if band.epsg is not None and file_epsg != band.epsg:
+        raise DataError(f"item {item_id} asset {band.key}: {_without_query(band.href)} is in "
+                        f"{src.crs.to_string() if src.crs else 'no CRS'}, but the item declares "
+                        f"EPSG:{band.epsg} (proj:epsg/proj:code): fix the catalog or the file")
 
 
 def _warp(src: rasterio.DatasetReader, band: BandRead, task: ChipTask,
@@ -820,6 +830,7 @@ def _coarse_band(item_id: str, band: BandRead, group: DateGroup, signer: Signer 
                  network: NetworkPolicy | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A decimated read of one band and its valid-and-in-AOI mask."""
     def read(src: rasterio.DatasetReader) -> tuple[np.ndarray, np.ndarray]:
+        _check_source(item_id, band, src)
         factor = max(1, math.ceil(max(src.width, src.height) / max_side_px))
         out_shape = (math.ceil(src.height / factor), math.ceil(src.width / factor))
         dn = src.read(1, out_shape=out_shape, resampling=Resampling.nearest)
