@@ -91,7 +91,8 @@ def _decoder_module(sam: Any) -> Any:
         def predict_masks(self, image_embeddings: Any, sparse: Any) -> tuple[Any, Any]:
             """``MaskDecoder.predict_masks`` with the no-mask dense embedding.
 
-            The image side enters the transformer at batch 1 (see :func:`_two_way_transformer`).
+            The image side enters the transformer at batch 1 (see :func:`_two_way_transformer`)
+            and the masks are upscaled channels-last (see :func:`_upscale_masks`).
             """
             decoder = self.mask_decoder
             batch = sparse.shape[0]
@@ -109,9 +110,7 @@ def _decoder_module(sam: Any) -> Any:
                 [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
                 dim=1,
             )
-            upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, -1, h, w))
-            _, c_up, h_up, w_up = upscaled.shape
-            masks = (hyper_in @ upscaled.reshape(batch, c_up, h_up * w_up)).reshape(batch, -1, h_up, w_up)
+            masks = _upscale_masks(decoder.output_upscaling, src, hyper_in, h, w)
             return decoder.iou_prediction_head(hs[:, 0, :]), masks
 
         def forward(self, image_embeddings: Any, point_coords: Any, point_labels: Any) -> tuple[Any, Any]:
@@ -200,7 +199,66 @@ def _attend_image_to_tokens(attn: Any, q: Any, k: Any, v: Any) -> Any:
     weights = torch.softmax((qh @ kh.transpose(2, 3)) / math.sqrt(d), dim=-1)  # (B, heads, hw, N)
     weights = weights.transpose(1, 2).reshape(batch, pixels, heads * n)
     vo = (vh @ attn.out_proj.weight.reshape(c, heads, d).permute(1, 2, 0)).reshape(batch, heads * n, c)
-    return weights @ vo + attn.out_proj.bias
+    # Each head's weights sum to one, so the output bias rides on the N*heads rows of vo.
+    return weights @ (vo + attn.out_proj.bias / heads)
+
+
+def _upscale_masks(upscaling: Any, src: Any, hyper_in: Any, h: int, w: int) -> Any:
+    """``MaskDecoder``'s output upscaling and hypernetwork product, channels-last, as GEMMs.
+
+    SAM computes ``hyper_in @ upscaling(src)`` channels-first: two ``ConvTranspose2d``
+    (kernel 2, stride 2) with ``LayerNorm2d`` and GELUs between. Here the image tokens stay
+    token-major (no transpose) and each transposed convolution is one GEMM per kernel row
+    (:func:`_conv_transpose_rows`), whose output rows are image rows in order. The four
+    (first row, second row) combinations are carried through to the hypernetwork product and
+    interleaved once, on the T mask channels, instead of on the wider feature maps.
+    ``LayerNorm2d``'s mean is folded into the first convolution's weights, leaving a
+    root-mean-square norm that ONNX Runtime fuses into one kernel. Same function, other
+    summation order.
+
+    Args:
+        upscaling: ``MaskDecoder.output_upscaling`` (ConvT, LayerNorm2d, act, ConvT, act).
+        src: (B, h*w, C) image tokens after the transformer.
+        hyper_in: (B, T, C/8) hypernetwork outputs, one row per mask token.
+
+    Returns:
+        (B, T, 4h, 4w) low-resolution mask logits.
+    """
+    import torch
+
+    conv1, norm, act1, conv2, act2 = upscaling
+    batch, c1, c2 = hyper_in.shape[0], conv1.out_channels, conv2.out_channels
+    weight1 = conv1.weight - conv1.weight.mean(dim=1, keepdim=True)  # mean over output channels
+    bias1 = conv1.bias - conv1.bias.mean()
+    pieces = []  # output rows 4i + 2 * ky1 + ky2, in that order
+    for x in _conv_transpose_rows(src.reshape(-1, conv1.in_channels), weight1, bias1):
+        x = x.reshape(-1, c1)  # centred: LayerNorm2d is its root-mean-square norm
+        x = x / (x.pow(2).mean(dim=-1, keepdim=True) + norm.eps).sqrt() * norm.weight
+        # The bias is added along rows of 2w pixels: a long broadcast span, and no BiasGelu.
+        x = act1(x.reshape(-1, 2 * w * c1) + norm.bias.repeat(2 * w))
+        for y in _conv_transpose_rows(x.reshape(-1, c1), conv2.weight, conv2.bias):
+            y = act2(y).reshape(batch, h * 4 * w, c2)
+            pieces.append((hyper_in @ y.transpose(1, 2)).reshape(batch, -1, h, 1, 4 * w))
+    return torch.cat(pieces, dim=3).reshape(batch, -1, 4 * h, 4 * w)
+
+
+def _conv_transpose_rows(x: Any, weight: Any, bias: Any) -> list[Any]:
+    """``conv_transpose2d(kernel_size=2, stride=2)`` of channels-last pixels, one GEMM per
+    kernel row.
+
+    Input pixel ``(i, j)`` becomes output pixels ``(2i + ky, 2j + kx)``; the GEMM for kernel
+    row ``ky`` puts its two columns ``kx`` side by side, so its output, read as pixels, is
+    output row ``2i + ky`` in order.
+
+    Args:
+        x: (n*h*w, c_in) pixels in row-major order (n images of h x w).
+        weight: (c_in, c_out, 2, 2) ``ConvTranspose2d`` weight; bias: (c_out,).
+
+    Returns:
+        For ky = 0 and 1: (n*h*w, 2*c_out), that is (n, h, 2w, c_out) pixels of rows 2i + ky.
+    """
+    c_in, c_out = weight.shape[0], weight.shape[1]
+    return [x @ weight[:, :, ky, :].permute(0, 2, 1).reshape(c_in, 2 * c_out) + bias.repeat(2) for ky in (0, 1)]
 
 
 # ---- ONNX export ---------------------------------------------------------------------------
@@ -300,7 +358,26 @@ def _check_sam(sam: Any) -> dict[str, int]:
             f"this SAM does not fit the raysam ONNX contract (image size, embedding h/w, mask tokens = "
             f"{got}, expected {expected}): export a 1024-input SAM with 3 multimask outputs"
         )
+    _check_upscaling(sam.mask_decoder.output_upscaling)
     return shapes
+
+
+def _check_upscaling(upscaling: Any) -> None:
+    """Check that ``output_upscaling`` is SAM's (the layout :func:`_upscale_masks` rewrites)."""
+    torch = _import_torch()
+    layers = list(upscaling)
+    convs = layers[0::3] if len(layers) == 5 else []
+    plain = all(
+        isinstance(conv, torch.nn.ConvTranspose2d) and conv.bias is not None and conv.groups == 1
+        and (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.output_padding),
+             tuple(conv.dilation)) == ((2, 2), (2, 2), (0, 0), (0, 0), (1, 1))
+        for conv in convs
+    )
+    if not (plain and all(hasattr(layers[1], name) for name in ("weight", "bias", "eps"))):
+        raise ModelError(
+            "this SAM's mask decoder upscaling is not SAM's (ConvTranspose2d 2x2/2, LayerNorm2d, act, "
+            "ConvTranspose2d 2x2/2, act): export a segment_anything MaskDecoder"
+        )
 
 
 def _example_inputs(torch: Any, shapes: dict[str, int]) -> tuple[tuple, tuple]:

@@ -25,7 +25,7 @@ from raysam.download import Checkpoint, download_checkpoint  # noqa: E402
 from raysam.errors import ConfigError, ModelError  # noqa: E402
 from raysam.export import export_sam  # noqa: E402
 from raysam.sam import contract  # noqa: E402
-from tests.tiny_sam import build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
+from tests.tiny_sam import build_random_sam, build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
 
 ATOL = 1e-4
 RTOL = 1e-5
@@ -90,6 +90,34 @@ def test_decoder_matches_torch(model_dir, tiny_sam, embeddings, batch, points):
     np.testing.assert_allclose(iou[:, 1:], multi_iou, atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(low_res[:, :1], single_mask, atol=LOGIT_ATOL, rtol=RTOL)
     np.testing.assert_allclose(iou[:, :1], single_iou, atol=ATOL, rtol=RTOL)
+
+
+def test_decoder_matches_torch_with_every_weight_live(tmp_path):
+    """The rewritten graph (re-associated multi-head attention, channels-last upscaling with the
+    LayerNorm2d mean folded into the weights) against torch on a SAM where no weight is zero."""
+    sam = build_random_sam(seed=5)
+    model_dir = export_sam(sam, tmp_path / "random", model_type="vit_tiny")
+    rng = np.random.default_rng(11)
+    embeddings = rng.normal(size=(1, 64, contract.EMBEDDING_SIDE, contract.EMBEDDING_SIDE)).astype(np.float32)
+    coords = rng.uniform(0, 1024, size=(6, 2, 2)).astype(np.float32)
+    labels = np.array([[1, 0], [1, 1], [0, 1], [1, 0], [1, 1], [1, 0]], np.float32)
+    iou, low_res = _session(model_dir / contract.DECODER_FILE).run(
+        None, {"image_embeddings": embeddings, "point_coords": coords, "point_labels": labels})
+    multi_masks, multi_iou = _torch_decoder(sam, embeddings, coords, labels, multimask=True)
+    single_mask, single_iou = _torch_decoder(sam, embeddings, coords, labels, multimask=False)
+    torch_masks = np.concatenate([single_mask, multi_masks], axis=1)
+    assert torch_masks.std() > 0.1 and np.abs(np.diff(torch_masks, axis=-1)).mean() > 1e-3  # not flat
+    scale = float(np.abs(torch_masks).max())
+    np.testing.assert_allclose(low_res, torch_masks, atol=1e-5 * scale, rtol=1e-4)
+    np.testing.assert_allclose(iou, np.concatenate([single_iou, multi_iou], axis=1), atol=ATOL, rtol=RTOL)
+
+
+def test_export_refuses_a_decoder_it_cannot_rewrite(tmp_path):
+    sam = build_random_sam(seed=5)
+    sam.mask_decoder.output_upscaling[0] = torch.nn.ConvTranspose2d(64, 16, kernel_size=3, stride=2)
+    with pytest.raises(ModelError, match="upscaling is not SAM's"):
+        export_sam(sam, tmp_path / "odd", model_type="vit_tiny")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_describes_the_files(model_dir, tiny_sam):

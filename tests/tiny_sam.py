@@ -97,6 +97,39 @@ def build_tiny_sam():
     return sam.eval()
 
 
+def build_random_sam(seed: int = 0):
+    """A tiny SAM with every prompt-encoder and decoder weight random (seeded), in eval mode.
+
+    Unlike :func:`build_tiny_sam`, nothing is zero or hand-set, and its transformer has two
+    blocks of two heads, so every path of the exported decoder graph carries signal. Its
+    masks mean nothing; it is for graph-versus-torch parity.
+    """
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        side = IMAGE_SIDE_PX // 16
+        sam = Sam(
+            image_encoder=ImageEncoderViT(img_size=IMAGE_SIDE_PX, patch_size=16, embed_dim=ENCODER_EMBED_DIM, depth=1,
+                                          num_heads=1, out_chans=PROMPT_DIM),
+            prompt_encoder=PromptEncoder(embed_dim=PROMPT_DIM, image_embedding_size=(side, side),
+                                         input_image_size=(IMAGE_SIDE_PX, IMAGE_SIDE_PX), mask_in_chans=16),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=128, num_heads=2),
+                transformer_dim=PROMPT_DIM, iou_head_depth=3, iou_head_hidden_dim=32,
+            ),
+        )
+        with torch.no_grad():  # norms and biases too, away from their ones-and-zeros defaults
+            for param in [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]:
+                param.add_(0.2 * torch.randn_like(param))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return sam.eval()
+
+
 def _flag(torch, dims: list[int], value: float = 4.0):
     v = torch.zeros(PROMPT_DIM)
     v[dims] = value
