@@ -234,7 +234,7 @@ def _upscale_masks(upscaling: Any, src: Any, hyper_in: Any, h: int, w: int) -> A
     for x in _conv_transpose_rows(src.reshape(-1, conv1.in_channels), weight1, bias1):
         x = x.reshape(-1, c1)  # centred: LayerNorm2d is its root-mean-square norm
         x = x / (x.pow(2).mean(dim=-1, keepdim=True) + norm.eps).sqrt() * norm.weight
-        # The bias is added along rows of 2w pixels: a long broadcast span, and no BiasGelu.
+        # The bias is added along rows of 2w pixels: one long broadcast span (fused with the GELU).
         x = act1(x.reshape(-1, 2 * w * c1) + norm.bias.repeat(2 * w))
         for y in _conv_transpose_rows(x.reshape(-1, c1), conv2.weight, conv2.bias):
             y = act2(y).reshape(batch, h * 4 * w, c2)

@@ -240,7 +240,7 @@ def pack_mask(mask: np.ndarray, box_xyxy: np.ndarray) -> np.ndarray:
 def unpack_mask(bits: np.ndarray, box_xyxy: np.ndarray) -> np.ndarray:
     """Inverse of :func:`pack_mask`: the boolean (h, w) mask inside the inclusive box."""
     width = int(box_xyxy[2]) - int(box_xyxy[0]) + 1
-    return np.unpackbits(bits, axis=1, count=width).astype(bool)
+    return np.unpackbits(bits, axis=1, count=width).view(bool)  # 0/1 bytes: a view, no copy
 
 
 def paste_mask(bits: np.ndarray, box_xyxy: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
