@@ -149,24 +149,27 @@ def _two_way_transformer(transformer: Any, image: Any, image_pe: Any, tokens: An
         queries = layer.norm1(queries)
         q, k = queries + tokens, keys + image_pe
         attn = layer.cross_attn_token_to_image
-        out = attn(q=q, k=k, v=keys) if shared else _attend_tokens_to_image(attn, q, k, keys)
+        out = attn(q=q, k=k, v=keys) if shared else _attend_tokens_to_image(attn, q, keys, image_pe)
         queries = layer.norm2(queries + out)
         queries = layer.norm3(queries + layer.mlp(queries))
         q = queries + tokens
         keys = layer.norm4(keys + _attend_image_to_tokens(layer.cross_attn_image_to_token, k, q, queries))
-    q, k = queries + tokens, keys + image_pe
-    attn = transformer.final_attn_token_to_image
-    out = attn(q=q, k=k, v=keys) if not transformer.layers else _attend_tokens_to_image(attn, q, k, keys)
+    q, attn = queries + tokens, transformer.final_attn_token_to_image
+    if transformer.layers:
+        out = _attend_tokens_to_image(attn, q, keys, image_pe)
+    else:
+        out = attn(q=q, k=keys + image_pe, v=keys)
     return transformer.norm_final_attn(queries + out), keys
 
 
-def _attend_tokens_to_image(attn: Any, q: Any, k: Any, v: Any) -> Any:
-    """SAM's ``Attention(q=tokens, k=image, v=image)`` without projecting the image tokens.
+def _attend_tokens_to_image(attn: Any, q: Any, image: Any, image_pe: Any) -> Any:
+    """SAM's ``Attention(q=tokens, k=image + image_pe, v=image)`` without projecting the image.
 
     Per head, ``(q Wq_h)(k Wk_h + bk_h)^T = ((q Wq_h) Wk_h) k^T + const`` per query row (which
     softmax ignores), and since attention rows sum to one, ``attn (v Wv_h^T + bv_h) =
     (attn v) Wv_h^T + bv_h``: the C x C/r projections act on the N tokens, not on h*w pixels.
-    q: (B, N, C); k, v: (B, h*w, C).
+    The key's two terms are two products, so ``image + image_pe`` is never formed per prompt.
+    q: (B, N, C); image: (B, h*w, C); image_pe: (1, h*w, C).
     """
     import torch
 
@@ -175,8 +178,9 @@ def _attend_tokens_to_image(attn: Any, q: Any, k: Any, v: Any) -> Any:
     batch, n = q.shape[0], q.shape[1]
     qh = attn.q_proj(q).reshape(batch, n, heads, d).transpose(1, 2)  # (B, heads, N, d)
     qk = (qh @ attn.k_proj.weight.reshape(heads, d, c)).reshape(batch, heads * n, c)
-    weights = torch.softmax((qk @ k.transpose(1, 2)) / math.sqrt(d), dim=-1)  # (B, heads*N, h*w)
-    ctx = (weights @ v).reshape(batch, heads, n, c)
+    logits = qk @ image.transpose(1, 2) + (qk.reshape(-1, c) @ image_pe[0].T).reshape(batch, heads * n, -1)
+    weights = torch.softmax(logits / math.sqrt(d), dim=-1)  # (B, heads*N, h*w)
+    ctx = (weights @ image).reshape(batch, heads, n, c)
     out = ctx @ attn.v_proj.weight.reshape(heads, d, c).transpose(1, 2) + attn.v_proj.bias.reshape(heads, 1, d)
     return attn.out_proj(out.transpose(1, 2).reshape(batch, n, heads * d))
 
