@@ -69,28 +69,8 @@ def build_tiny_sam():
         A ``segment_anything.modeling.Sam`` on CPU, float32, eval mode.
     """
     import torch
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(INIT_SEED)
-    try:
-        side = IMAGE_SIDE_PX // 16
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                img_size=IMAGE_SIDE_PX, patch_size=16, embed_dim=ENCODER_EMBED_DIM, depth=1, num_heads=1,
-                mlp_ratio=2, out_chans=PROMPT_DIM, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                use_rel_pos=True, window_size=14, global_attn_indexes=(0,),
-            ),
-            prompt_encoder=PromptEncoder(embed_dim=PROMPT_DIM, image_embedding_size=(side, side),
-                                         input_image_size=(IMAGE_SIDE_PX, IMAGE_SIDE_PX), mask_in_chans=16),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=1, embedding_dim=PROMPT_DIM, mlp_dim=64, num_heads=1),
-                transformer_dim=PROMPT_DIM, iou_head_depth=3, iou_head_hidden_dim=32,
-            ),
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
+    sam = _seeded_sam(INIT_SEED, transformer_depth=1, num_heads=1, mlp_dim=64)
     with torch.no_grad():
         _set_disc_weights(sam)
         _set_mask_thresholds(sam)
@@ -105,29 +85,41 @@ def build_random_sam(seed: int = 0):
     masks mean nothing; it is for graph-versus-torch parity.
     """
     import torch
+
+    sam = _seeded_sam(seed, transformer_depth=2, num_heads=2, mlp_dim=128)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # norms and biases too, away from their ones-and-zeros defaults
+        for param in [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]:
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return sam.eval()
+
+
+def _seeded_sam(seed: int, transformer_depth: int, num_heads: int, mlp_dim: int):
+    """The tiny architecture, initialised by torch from ``seed`` (the global RNG is left as it was)."""
+    import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         side = IMAGE_SIDE_PX // 16
-        sam = Sam(
-            image_encoder=ImageEncoderViT(img_size=IMAGE_SIDE_PX, patch_size=16, embed_dim=ENCODER_EMBED_DIM, depth=1,
-                                          num_heads=1, out_chans=PROMPT_DIM),
+        return Sam(
+            image_encoder=ImageEncoderViT(
+                img_size=IMAGE_SIDE_PX, patch_size=16, embed_dim=ENCODER_EMBED_DIM, depth=1, num_heads=1,
+                mlp_ratio=2, out_chans=PROMPT_DIM, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                use_rel_pos=True, window_size=14, global_attn_indexes=(0,),
+            ),
             prompt_encoder=PromptEncoder(embed_dim=PROMPT_DIM, image_embedding_size=(side, side),
                                          input_image_size=(IMAGE_SIDE_PX, IMAGE_SIDE_PX), mask_in_chans=16),
             mask_decoder=MaskDecoder(
                 num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=128, num_heads=2),
+                transformer=TwoWayTransformer(depth=transformer_depth, embedding_dim=PROMPT_DIM, mlp_dim=mlp_dim,
+                                              num_heads=num_heads),
                 transformer_dim=PROMPT_DIM, iou_head_depth=3, iou_head_hidden_dim=32,
             ),
         )
-        with torch.no_grad():  # norms and biases too, away from their ones-and-zeros defaults
-            for param in [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]:
-                param.add_(0.2 * torch.randn_like(param))
     finally:
         torch.random.set_rng_state(generator_state)
-    return sam.eval()
 
 
 def _flag(torch, dims: list[int], value: float = 4.0):
