@@ -1,7 +1,7 @@
 """Automatic mask generation for one chip, following ``SamAutomaticMaskGenerator``.
 
 ``generate`` → ``_generate_masks`` (crops, then NMS across crops preferring smaller crops)
-→ ``_process_crop`` (encode once, decode point batches one ahead in a thread, NMS in the
+→ ``_process_crop`` (encode once, decode point batches ahead in threads, NMS in the
 crop, back to image frame) → ``_process_batch`` (candidates, IoU filter, upsample
 survivors, stability filter, threshold, boxes, crop-edge filter, bit-pack). Masks are
 upsampled only inside the region where their low-res logits can exceed the lowest
@@ -10,6 +10,7 @@ threshold, so the work per mask scales with the mask's box, not with the chip.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -112,7 +113,7 @@ class AutomaticMaskGenerator:
             return self.model.decode(embeddings, coords, np.ones(coords.shape[:2], np.float32))
 
         data = MaskData()
-        for points, decoded in zip(batches, prefetched(decode, batches)):
+        for points, decoded in zip(batches, prefetched(decode, batches, self.model.decode_workers)):
             data.cat(self._process_batch(points, decoded, crop_hw, taps, crop_box, orig_size))
         if not len(data):
             return _empty_data()
@@ -194,21 +195,23 @@ class AutomaticMaskGenerator:
         data["bits"] = bits
 
 
-def prefetched(fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
-    """Yield ``fn(item)`` for each item in order, computing the next one in a background thread.
+def prefetched(fn: Callable[[T], R], items: Sequence[T], workers: int = 1) -> Iterator[R]:
+    """Yield ``fn(item)`` for each item in order, computing up to ``workers`` ahead in threads.
 
-    The decoder (onnxruntime, which releases the GIL; or a GPU) works on batch k + 1 while the
-    caller post-processes batch k. At most two results are alive at once.
+    The decoder (onnxruntime, which releases the GIL; or a GPU) works on the next batches
+    while the caller post-processes batch k. At most ``workers + 1`` results are alive at once.
     """
     if len(items) < 2:
         yield from (fn(item) for item in items)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysam-decode") as pool:
-        pending = pool.submit(fn, items[0])
-        for item in items[1:]:
-            ready, pending = pending.result(), pool.submit(fn, item)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raysam-decode") as pool:
+        pending = deque(pool.submit(fn, item) for item in items[:workers])
+        for item in items[workers:]:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(fn, item))
             yield ready
-        yield pending.result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _empty_data() -> MaskData:

@@ -10,6 +10,7 @@ import pytest
 from raysam.errors import ConfigError, DataError
 from raysam.sam import AmgParams, AutomaticMaskGenerator, load_model
 from raysam.sam import masks as M
+from raysam.sam.amg import prefetched
 
 
 def _logits(kind: str, seed: int) -> np.ndarray:
@@ -95,6 +96,43 @@ def test_single_mask_mode_uses_token_zero(model, tiny_image: np.ndarray) -> None
     points = M.build_point_grid(2) * 1024
     iou, _ = model.decode(emb, points[:, None, :], np.ones((4, 1)))
     np.testing.assert_allclose(np.sort(compact.predicted_iou), np.sort(iou[:, 0]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_prefetched_keeps_order_and_bounds_what_runs_ahead(workers: int) -> None:
+    import threading
+    import time
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slow_square(x: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01 * (x % 3))  # out-of-order completion
+        with lock:
+            running[0] -= 1
+        return x * x
+
+    items = list(range(9))
+    assert list(prefetched(slow_square, items, workers)) == [x * x for x in items]
+    assert most[0] <= workers
+    assert list(prefetched(slow_square, [4], workers)) == [16] and list(prefetched(slow_square, [], workers)) == []
+
+
+def test_concurrent_decoder_runs_give_the_same_masks(tiny_model_dir: Path, tiny_image: np.ndarray) -> None:
+    params = dict(points_per_side=8, points_per_batch=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    results = {}
+    for threads in (1, 2, 3):
+        model = load_model(tiny_model_dir, device="cpu", intra_op_threads=threads)
+        assert model.decode_workers == threads
+        results[threads] = AutomaticMaskGenerator(model, **params).generate_compact(tiny_image)
+    assert len(results[1]) > 10
+    for other in (results[2], results[3]):
+        np.testing.assert_array_equal(other.box_xyxy, results[1].box_xyxy)
+        np.testing.assert_array_equal(other.predicted_iou, results[1].predicted_iou)
+        np.testing.assert_array_equal(other.stability_score, results[1].stability_score)
+        assert all(np.array_equal(a, b) for a, b in zip(other.mask_bits, results[1].mask_bits, strict=True))
 
 
 def test_params_object_and_overrides(model) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from raysam.errors import ConfigError, ModelError
 from raysam.sam import load_model
+from raysam.sam.model import decoder_split
 from raysam.sam.contract import EXPORT_COMMAND
 
 FIX = "re-run " + EXPORT_COMMAND.format(model_type="vit_tiny")
@@ -44,6 +45,21 @@ def test_loads_on_cpu_and_says_so(tiny_model_dir: Path, caplog: pytest.LogCaptur
         model = load_model(tiny_model_dir, device="cpu")
     assert model.provider == "CPUExecutionProvider" and model.model_type == "vit_tiny"
     assert "runs on CPUExecutionProvider" in caplog.text
+
+
+@pytest.mark.parametrize(("threads", "workers", "per_run"), [(1, 1, 1), (2, 2, 1), (3, 3, 1), (16, 4, 4), (17, 4, 4)])
+def test_cpu_decoder_spreads_threads_over_concurrent_runs(tiny_model_dir: Path, threads, workers, per_run) -> None:
+    assert decoder_split(threads) == (workers, per_run)
+    if threads <= 3:
+        model = load_model(tiny_model_dir, device="cpu", intra_op_threads=threads)
+        assert model.decode_workers == workers
+
+
+def test_own_session_options_decode_one_batch_at_a_time(tiny_model_dir: Path) -> None:
+    import onnxruntime
+
+    model = load_model(tiny_model_dir, device="cpu", session_options=onnxruntime.SessionOptions())
+    assert model.decode_workers == 1
 
 
 def test_auto_uses_a_provider_that_really_initialised(tiny_model_dir: Path) -> None:
