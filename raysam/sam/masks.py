@@ -448,12 +448,16 @@ class AxisRuns:
         start: (R,) first output of each run.
         length: (R,) outputs in each run.
         support: (R, T) input indices of each run's support (padded by repetition).
+        support_first, support_last: (R,) first and last input of each run's support, both
+            non-decreasing (a resize keeps order), so runs meeting an input range are a slice.
     """
 
     taps: AxisTaps
     start: np.ndarray
     length: np.ndarray
     support: np.ndarray
+    support_first: np.ndarray
+    support_last: np.ndarray
 
     @classmethod
     def from_taps(cls, taps: AxisTaps) -> AxisRuns:
@@ -464,12 +468,15 @@ class AxisRuns:
         length = np.diff(np.concatenate([start, [len(first)]]))
         span = int((last[start] - first[start]).max()) + 1
         support = np.minimum(first[start][:, None] + np.arange(span), last[start][:, None])
-        return cls(taps, start, length, support)
+        if np.any(np.diff(first[start]) < 0) or np.any(np.diff(last[start]) < 0):
+            raise ValueError("the taps' supports must move forward with the output (a resize)")
+        return cls(taps, start, length, support, first[start].copy(), last[start].copy())
 
     def runs_touching(self, lo: int, hi: int) -> tuple[int, int]:
-        """Half-open range of runs whose support meets inputs [lo, hi]."""
-        hit = np.flatnonzero((self.support[:, -1] >= lo) & (self.support[:, 0] <= hi))
-        return (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0)
+        """Half-open range of runs whose support meets inputs [lo, hi] ((0, 0) if none)."""
+        begin = int(np.searchsorted(self.support_last, lo, side="left"))
+        end = int(np.searchsorted(self.support_first, hi, side="right"))
+        return (begin, end) if begin < end else (0, 0)
 
 
 @dataclass
@@ -562,20 +569,21 @@ def _decide_blocks(
     if rows.size == 0:
         return ThresholdedRegion(np.zeros(len(thresholds), np.int64), np.zeros((0, 0), bool), (0, 0))
     ry, rx = runs_y.runs_touching(rows[0], rows[-1]), runs_x.runs_touching(cols[0], cols[-1])
+    if ry[0] == ry[1] or rx[0] == rx[1]:  # live values outside every output's support
+        return ThresholdedRegion(np.zeros(len(thresholds), np.int64), np.zeros((0, 0), bool), (0, 0))
     sup_y, sup_x = runs_y.support[ry[0] : ry[1]], runs_x.support[rx[0] : rx[1]]
     bmin, bmax = _block_min_max(logits, sup_y, sup_x)
     len_y, len_x = runs_y.length[ry[0] : ry[1]], runs_x.length[rx[0] : rx[1]]
     sizes = len_y[:, None].astype(np.int64) * len_x[None, :]
-    decided = np.ones(bmin.shape, bool)
-    above_blocks = []
-    for t in thresholds:
-        above, below = bmin > np.float32(t) + eps, bmax <= np.float32(t) - eps
-        decided &= above | below
-        above_blocks.append(above)
-    if sizes[~decided].sum() > _DENSE_FRACTION * sizes.sum():
+    levels = np.asarray(thresholds, np.float32)[:, None, None]
+    above = bmin > levels + eps  # (K, Ry, Rx)
+    decided = np.all(above | (bmax <= levels - eps), axis=0)
+    above &= decided
+    undecided_px = sizes.sum() - int(np.sum(sizes, where=decided))
+    if undecided_px > _DENSE_FRACTION * sizes.sum():
         return _dense_region(logits, runs_y, runs_x, ry, rx, thresholds, mask_index)
-    counts = np.array([sizes[decided & above].sum() for above in above_blocks], np.int64)
-    mask = np.repeat(np.repeat(decided & above_blocks[mask_index], len_y, axis=0), len_x, axis=1)
+    counts = (above * sizes).sum(axis=(1, 2))
+    mask = np.repeat(np.repeat(above[mask_index], len_y, axis=0), len_x, axis=1)
     region = ThresholdedRegion(counts, mask, (int(runs_y.start[ry[0]]), int(runs_x.start[rx[0]])))
     ub_y, ub_x = np.nonzero(~decided)
     if not ub_y.size:

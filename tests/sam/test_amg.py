@@ -23,11 +23,15 @@ def _logits(kind: str, seed: int) -> np.ndarray:
         out = (r / 3 - np.hypot(yy - cy, xx - cx)).astype(np.float32) / 4
         out[10:20, 10:20] = 1.0
         return np.round(out * 8) / 8
-    return np.full((256, 256), -20.0, np.float32)
+    out = np.full((256, 256), -20.0, np.float32)
+    if kind == "padding":  # live only where SAM's padding is (no output pixel of a cropped input sees it)
+        out[220 + seed : 240, 200:250] = 5.0
+    return out
 
 
-@pytest.mark.parametrize("kind", ["noisy", "blob", "empty"])
-@pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((1024, 1024), (683, 683)), ((768, 1024), (600, 800))])
+@pytest.mark.parametrize("kind", ["noisy", "blob", "empty", "padding"])
+@pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((1024, 1024), (683, 683)), ((768, 1024), (600, 800)),
+                                                  ((1024, 600), (1024, 600))])
 def test_thresholded_upsampling_equals_dense_upsampling(kind: str, input_hw: tuple, crop_hw: tuple) -> None:
     """Block decisions and the live region change nothing: counts and mask equal the dense map's."""
     taps = [M.postprocess_taps(256, 1024, i, o) for i, o in zip(input_hw, crop_hw)]
