@@ -579,8 +579,7 @@ def _decide_blocks(
     above = bmin > levels + eps  # (K, Ry, Rx)
     decided = np.all(above | (bmax <= levels - eps), axis=0)
     above &= decided
-    undecided_px = sizes.sum() - int(np.sum(sizes, where=decided))
-    if undecided_px > _DENSE_FRACTION * sizes.sum():
+    if sizes[~decided].sum() > _DENSE_FRACTION * sizes.sum():
         return _dense_region(logits, runs_y, runs_x, ry, rx, thresholds, mask_index)
     counts = (above * sizes).sum(axis=(1, 2))
     mask = np.repeat(np.repeat(above[mask_index], len_y, axis=0), len_x, axis=1)
