@@ -12,8 +12,8 @@ import pytest
 
 from raysam.errors import ConfigError, ModelError
 from raysam.sam import load_model
-from raysam.sam.model import decoder_split
 from raysam.sam.contract import EXPORT_COMMAND
+from raysam.sam.model import decoder_split
 
 FIX = "re-run " + EXPORT_COMMAND.format(model_type="vit_tiny")
 
