@@ -370,12 +370,11 @@ def _check_upscaling(upscaling: Any) -> None:
     """Check that ``output_upscaling`` is SAM's (the layout :func:`_upscale_masks` rewrites)."""
     torch = _import_torch()
     layers = list(upscaling)
-    convs = layers[0::3] if len(layers) == 5 else []
-    plain = all(
+    plain = len(layers) == 5 and all(
         isinstance(conv, torch.nn.ConvTranspose2d) and conv.bias is not None and conv.groups == 1
         and (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding), tuple(conv.output_padding),
              tuple(conv.dilation)) == ((2, 2), (2, 2), (0, 0), (0, 0), (1, 1))
-        for conv in convs
+        for conv in layers[0::3]
     )
     if not (plain and all(hasattr(layers[1], name) for name in ("weight", "bias", "eps"))):
         raise ModelError(

@@ -566,10 +566,9 @@ def _decide_blocks(
     """Decide what the low-res values alone decide; the rest comes back as :class:`_Undecided`."""
     live = logits > np.float32(min(thresholds)) - eps
     rows, cols = np.flatnonzero(live.any(axis=1)), np.flatnonzero(live.any(axis=0))
-    if rows.size == 0:
-        return ThresholdedRegion(np.zeros(len(thresholds), np.int64), np.zeros((0, 0), bool), (0, 0))
-    ry, rx = runs_y.runs_touching(rows[0], rows[-1]), runs_x.runs_touching(cols[0], cols[-1])
-    if ry[0] == ry[1] or rx[0] == rx[1]:  # live values outside every output's support
+    ry = runs_y.runs_touching(rows[0], rows[-1]) if rows.size else (0, 0)
+    rx = runs_x.runs_touching(cols[0], cols[-1]) if cols.size else (0, 0)
+    if ry[0] == ry[1] or rx[0] == rx[1]:  # nothing live, or only outside every output's support
         return ThresholdedRegion(np.zeros(len(thresholds), np.int64), np.zeros((0, 0), bool), (0, 0))
     sup_y, sup_x = runs_y.support[ry[0] : ry[1]], runs_x.support[rx[0] : rx[1]]
     bmin, bmax = _block_min_max(logits, sup_y, sup_x)

@@ -389,10 +389,11 @@ def load_model(
     threads = intra_op_threads or _default_threads()
     sessions, workers = {}, 1
     for graph, name in _GRAPHS.items():
+        graph_threads = threads
         if graph == "decoder" and providers[0] == "CPUExecutionProvider" and session_options is None:
-            workers, threads = decoder_split(threads)
+            workers, graph_threads = decoder_split(threads)
         try:
-            sessions[graph] = _new_session(model_dir / name, providers, session_options, threads)
+            sessions[graph] = _new_session(model_dir / name, providers, session_options, graph_threads)
         except ModelError as err:
             raise ModelError(f"{err}: {fix}") from err
         if graph == "encoder":
