@@ -91,6 +91,8 @@ class RaySchema:
     read_concurrency: int | None = None
     max_task_retries: int = 3
     object_store_gb: float | None = None
+    sink_tasks: int | None = None
+    sink_cpus: float = 1.0
 
 
 @dataclass
@@ -99,6 +101,7 @@ class OutputSchema:
     sinks: list[str] = field(default_factory=lambda: list(SINKS))
     s2_bands: list[str] = field(default_factory=lambda: ["B02", "B03", "B04", "B08"])
     overwrite: bool = False
+    single_file_max_mpx: float = 100.0
 
 
 @dataclass
@@ -228,14 +231,18 @@ class RayConfig:
     read_concurrency: int | None = None
     max_task_retries: int = 3
     object_store_gb: float | None = None
+    sink_tasks: int | None = None  # back-half tasks (merge cells, tiles) at once; None: as many as CPUs
+    sink_cpus: float = 1.0  # CPUs each back-half task reserves
 
     def __post_init__(self) -> None:
+        _check(self.sink_tasks is None or self.sink_tasks >= 1,
+               f"ray.sink_tasks={self.sink_tasks}: use a positive integer or null")
         _check(self.sam_actors >= 1, f"ray.sam_actors={self.sam_actors}: use a positive integer")
         _check(
             self.sam_actors_max is None or self.sam_actors_max >= self.sam_actors,
             f"ray.sam_actors_max={self.sam_actors_max} is below ray.sam_actors={self.sam_actors}",
         )
-        for name in ("gpus_per_actor", "cpus_per_actor", "read_cpus"):
+        for name in ("gpus_per_actor", "cpus_per_actor", "read_cpus", "sink_cpus"):
             _check(getattr(self, name) >= 0, f"ray.{name}={getattr(self, name)}: use a value >= 0")
         _check(self.max_task_retries >= 0, f"ray.max_task_retries={self.max_task_retries}: use a value >= 0")
 
@@ -248,8 +255,11 @@ class OutputConfig:
     sinks: tuple[str, ...] = SINKS
     s2_bands: tuple[str, ...] = ("B02", "B03", "B04", "B08")
     overwrite: bool = False
+    single_file_max_mpx: float = 100.0  # grids up to this many megapixels also get single files
 
     def __post_init__(self) -> None:
+        _check(self.single_file_max_mpx >= 0,
+               f"output.single_file_max_mpx={self.single_file_max_mpx}: use a value >= 0 (0: tiles only)")
         unknown = sorted(set(self.sinks) - set(SINKS))
         _check(not unknown, f"output.sinks has unknown sink(s) {unknown}: choose from {list(SINKS)}")
         _check(bool(self.root), "output.root is empty: give a local path or a URI (s3://bucket/prefix)")
@@ -337,7 +347,7 @@ def to_run_config(cfg: Any) -> RunConfig:
         ray=RayConfig(**ray_cfg),
         output=OutputConfig(
             root=output["root"], sinks=tuple(output["sinks"]), s2_bands=tuple(output["s2_bands"]),
-            overwrite=output["overwrite"],
+            overwrite=output["overwrite"], single_file_max_mpx=output["single_file_max_mpx"],
         ),
         network=NetworkPolicy(**_plain(cfg, "network")),
         dry_run=bool(cfg.dry_run),

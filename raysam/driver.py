@@ -1,8 +1,12 @@
-"""The run on the driver: check inputs, plan, start Ray, stream merged masks into the sinks.
+"""The run on the driver: check inputs, plan, start Ray, watch the date groups, publish them.
 
 :func:`prepare` does everything that can fail on bad input before Ray starts (model files,
-output root, region, catalog search, planning). :func:`execute` runs the Ray Data pipeline and
-writes each date group's sinks as its merged rows stream back (sorted by date group, then uid).
+output root, region, catalog search, planning). :func:`execute` claims the groups and hands them
+to a :class:`RunController`, which streams every group's chips through the SAM actors (Ray Data)
+and, as soon as a group's last chip is checkpointed, runs its merge and sinks as Ray tasks
+(:class:`raysam.groupjob.GroupJob`) while later groups are still being segmented. The driver
+only plans, watches small progress counters, writes small metadata and publishes: no process's
+memory, disk or CPU time grows with the area.
 """
 
 from __future__ import annotations
@@ -11,22 +15,21 @@ import contextlib
 import logging
 import os
 import platform
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 import raysam
+from raysam.checkpoint import WORK_DIR
 from raysam.config import RunConfig, redacted
 from raysam.errors import ConfigError
-from raysam.plan import GroupPlan, RunPlan, claim_todo, describe, plan_run, release_all
-from raysam.records import GridInfo
+from raysam.plan import GroupPlan, RunPlan, chip_bands, claim_todo, describe, plan_run
 from raysam.region import Region, load_region
-from raysam.sinks.store import OutputRoot
+from raysam.storage.locks import keep_alive, release, release_all
+from raysam.storage.root import OutputRoot
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +153,11 @@ def manifest_base(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
             "encoder_sha256": m.get("encoder", {}).get("sha256"), "decoder_sha256": m.get("decoder", {}).get("sha256"),
         },
         "region": {"name": prepared.plan.region.name, "aoi_wgs84_wkt": prepared.plan.region.aoi_wgs84.wkt},
+        "run_key": prepared.plan.run_key,
     }
 
 
-def _scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
+def group_scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
     """The date group's RGB scaling: computed once per group, never per chip."""
     from raysam.read import ScalingSpec, compute_stretch
 
@@ -165,97 +169,138 @@ def _scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
 
 
 def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
-    """Claim the incomplete date groups (one lock each), run the pipeline and write their sinks.
+    """Claim the incomplete date groups (one lock each), then segment, merge, write and publish them.
 
     Raises:
         ConfigError: another run on the same output root holds a date group's lock.
     """
     todo, locks = claim_todo(prepared.plan, prepared.root, cfg.output.overwrite)
     try:
-        with prepared.root.keep_alive(list(locks.values())):
-            return _execute(cfg, prepared, todo, lambda gid: prepared.root.release(locks.pop(gid)))
+        with keep_alive(prepared.root, locks):
+            return RunController(cfg, prepared, todo, locks).run()
     finally:
         release_all(prepared.root, locks)
 
 
-def _execute(cfg: RunConfig, prepared: Prepared, todo: tuple[GroupPlan, ...],
-             published: Callable[[str], None]) -> dict[str, Any]:
-    """Run the pipeline over the claimed groups ``todo``; ``published(group_id)`` after each."""
-    import ray
+class ChipStream(threading.Thread):
+    """Drains the chip pipeline (tiny rows, one per chip) in the background; keeps its error."""
 
-    from raysam.pipeline import (STATS_ACTOR, RunStats, merged_records, model_source_for, resolve_unresolved,
-                                 sam_records, with_driver_memory)
-    from raysam.sinks.group import GroupSinkSpec, GroupWriter
-    from raysam.stac import make_href_signer
+    def __init__(self, dataset: Any):
+        super().__init__(name="raysam-chips", daemon=True)
+        self.dataset = dataset
+        self.error: BaseException | None = None
 
-    plan = prepared.plan
-    for g in plan.groups:
-        if g.complete:
-            log.info("date group %s is complete in %s: skipped", g.group.id, g.out_dir)
-    metrics: dict[str, Any] = {
-        "groups_done": 0, "groups_skipped": len(plan.groups) - len(todo), "chips_read": 0,
-        "chips_skipped": 0, "masks": 0, "area_km2": sum(g.area_km2 for g in todo),
-    }
-    if not todo:
-        return metrics
-    t0 = time.perf_counter()
-    init_ray(cfg)
-    stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
-    signer = make_href_signer(cfg.stac)
-    scaling = {g.group.id: _scaling(cfg, g.group, signer) for g in todo}
-    grids = {g.group.id: GridInfo(tuple(g.group.grid.transform), g.group.grid.epsg, g.group.grid.height,
-                                  g.group.grid.width) for g in todo}
-    groups = {g.group.id: g.group for g in todo}
-    records_ds = sam_records(groups, cfg, scaling, model_source_for(cfg, prepared.model_dir))
-    # No chip gave a mask (all skipped, or nothing found): nothing to merge, every group is empty.
-    ds = merged_records(records_ds, cfg.merge, grids) if records_ds.count() else None
-    unresolved: dict[str, list[pa.Table]] = {}
-    base = manifest_base(cfg, prepared)
-    specs = {
-        g.group.id: GroupSinkSpec(g.group, g.out_dir, cfg.output.sinks, cfg.output.s2_bands,
-                                  plan.fingerprint, plan.run_key, base, signer, cfg.network)
-        for g in todo
-    }
-    writers: dict[str, GroupWriter] = {}
-    finished: set[str] = set()
+    def run(self) -> None:
+        try:
+            for _ in self.dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                pass
+        except BaseException as err:  # noqa: BLE001 - handed to the driver loop, which raises it
+            self.error = err
 
-    def finish(group_id: str) -> None:
-        writer = writers.pop(group_id, None) or GroupWriter(specs[group_id], prepared.root)
-        finished.add(group_id)
-        if unresolved.get(group_id):  # rare: decide them exactly, then write the kept ones
-            pending = pa.concat_tables(unresolved.pop(group_id))
-            kept = resolve_unresolved(records_ds, group_id, pending.column("uid").to_pylist(), cfg.merge, grids[group_id])
-            writer.add(pending.filter(pc.is_in(pending.column("uid"), value_set=pa.array(sorted(kept), pa.string()))))
-        counts = with_driver_memory(ray.get(stats.summary.remote(group_id)))
-        elapsed = time.perf_counter() - t0
-        counts["chips_per_s"] = counts["chips_read"] / elapsed if elapsed else 0.0
-        manifest = writer.close(counts, {**ray.get(stats.stage_seconds.remote()), "pipeline_wall": elapsed})
-        published(group_id)
-        metrics["groups_done"] += 1
-        metrics["chips_read"] += counts["chips_read"]
-        metrics["chips_skipped"] += counts["chips_skipped"]
-        metrics["masks"] += manifest["counts"]["masks_after_merge"]
-        log.info("date group %s: %d masks -> %s", group_id, manifest["counts"]["masks_after_merge"], specs[group_id].out_dir)
 
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=2048) if ds is not None else ():
-            table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-            for group_id in pc.unique(table.column("date_group_id")).to_pylist():
-                for done in [gid for gid in writers if gid < group_id]:
-                    finish(done)
-                if group_id not in writers:
-                    writers[group_id] = GroupWriter(specs[group_id], prepared.root)
-                rows = table.filter(pc.equal(table.column("date_group_id"), group_id))
-                is_kept = pc.equal(rows.column("status"), "kept")
-                writers[group_id].add(rows.filter(is_kept))
-                pending = rows.filter(pc.invert(is_kept))
-                if pending.num_rows:
-                    unresolved.setdefault(group_id, []).append(pending)
-        for group_id in sorted(set(specs) - finished):  # the rest, including groups without masks
-            finish(group_id)
-    finally:
-        for writer in writers.values():  # a failed run leaves no staging directories behind
-            writer.abort()
-    ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh
-    metrics["pipeline_s"] = time.perf_counter() - t0
-    return metrics
+POLL_S = 0.25  # how often the driver looks at progress and task results
+
+
+class RunController:
+    """Plans per-group work, launches it, watches it and publishes each date group when done.
+
+    Args:
+        cfg: the run config.
+        prepared: the checked inputs and plan.
+        todo: the claimed date groups, in order.
+        locks: their locks (released one by one as groups publish).
+    """
+
+    def __init__(self, cfg: RunConfig, prepared: Prepared, todo: tuple[GroupPlan, ...], locks: dict):
+        self.cfg, self.prepared, self.todo, self.locks = cfg, prepared, todo, locks
+        plan = prepared.plan
+        for g in plan.groups:
+            if g.complete:
+                log.info("date group %s is complete in %s: skipped", g.group.id, g.out_dir)
+        self.metrics: dict[str, Any] = {
+            "groups_done": 0, "groups_skipped": len(plan.groups) - len(todo), "chips_segmented": 0,
+            "chips_resumed": 0, "chips_skipped": 0, "masks": 0, "area_km2": sum(g.area_km2 for g in todo),
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Run every claimed group to publication; returns the run's metrics."""
+        if not self.todo:
+            return self.metrics
+        import ray
+
+        from raysam import tasks
+        from raysam.groupjob import GroupJob
+        from raysam.layout import GroupSpec
+        from raysam.pipeline import chip_dataset, model_source_for
+        from raysam.runstats import STATS_ACTOR, RunStats
+        from raysam.scheduler import TaskQueue
+        from raysam.storage.publish import publisher_for
+
+        t0 = time.perf_counter()
+        cfg, root = self.cfg, self.prepared.root
+        init_ray(cfg)
+        stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
+        publisher = publisher_for(root)
+        queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        base = manifest_base(cfg, self.prepared)
+        scaling_refs = [tasks.group_scaling.remote(cfg, g.group) for g in self.todo]
+        jobs: list[GroupJob] = []
+        try:
+            for i, g in enumerate(self.todo):
+                spec = GroupSpec(g.group, root, g.fingerprint, g.out_dir, publisher.begin(root, g.out_dir), g.work_dir,
+                                 chip_bands(cfg), cfg.chip.spatial_overlap)
+                jobs.append(GroupJob(i, g, spec, cfg, queue, publisher, stats, base, self._published))
+            scaling = dict(zip((g.group.id for g in self.todo), ray.get(scaling_refs), strict=True))
+            specs = {job.group_id: job.spec for job in jobs}
+            resume = {g.group.id: g.chips_checkpointed > 0 for g in self.todo}
+            stream = ChipStream(chip_dataset(specs, cfg, scaling, model_source_for(cfg, self.prepared.model_dir), resume))
+            stream.start()
+            jobs[0].activate()
+            self._watch(jobs, stream, stats, queue)
+            root.storage.delete_empty_dir(f"{self.prepared.plan.collection_dir}/{WORK_DIR}")
+        except BaseException:
+            queue.cancel()
+            for job in jobs:
+                job.abort()
+            raise
+        finally:
+            ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh
+        self.metrics["pipeline_s"] = time.perf_counter() - t0
+        return self.metrics
+
+    def _watch(self, jobs: list, stream: ChipStream, stats: Any, queue: Any) -> None:
+        """The driver loop: progress counters in, task results in, groups out."""
+        import ray
+
+        from raysam.groupjob import Stage
+
+        while any(job.stage is not Stage.PUBLISHED for job in jobs):
+            if stream.error is not None:
+                raise stream.error
+            progress = ray.get(stats.progress.remote())
+            previous_in = True
+            for job in jobs:
+                if previous_in and job.stage is Stage.WAITING:
+                    job.activate()  # the SAM actors have moved on to this group
+                if job.group_id in progress:
+                    job.observe(*progress[job.group_id])
+                previous_in = job.chips_in
+            if queue.poll(POLL_S if queue.busy else 0) == 0 and not queue.busy:
+                time.sleep(POLL_S)
+        stream.join(timeout=60)
+        if stream.error is not None:
+            raise stream.error
+
+    def _published(self, manifest: dict[str, Any]) -> None:
+        gid = manifest["date_group"]["id"]
+        counts = manifest["counts"]
+        lock = self.locks.pop(gid, None)
+        if lock is not None:
+            release(self.prepared.root, lock)
+        self.metrics["groups_done"] += 1
+        for key in ("chips_segmented", "chips_resumed", "chips_skipped"):
+            self.metrics[key] += counts[key]
+        self.metrics["masks"] += counts["masks_after_merge"]
+        log.info("date group %s: %d masks from %d chips (%d resumed, %d skipped) -> published",
+                 gid, counts["masks_after_merge"], counts["chips_planned"], counts["chips_resumed"],
+                 counts["chips_skipped"])

@@ -272,7 +272,8 @@ def chip_rows(grid: TargetGrid, chip_size: int = DEFAULT_CHIP_SIZE,
 
 def plan_chips(grid: TargetGrid, aoi_utm: BaseGeometry, chip_size: int = DEFAULT_CHIP_SIZE,
                spatial_overlap: float = DEFAULT_OVERLAP,
-               rows: Sequence[int] | None = None) -> Iterator[ChipWindow]:
+               rows: Sequence[int] | None = None,
+               cols: Sequence[int] | None = None) -> Iterator[ChipWindow]:
     """Yield the chips of ``grid`` that intersect ``aoi_utm``, row by row.
 
     Args:
@@ -281,6 +282,7 @@ def plan_chips(grid: TargetGrid, aoi_utm: BaseGeometry, chip_size: int = DEFAULT
         chip_size: chip side in pixels.
         spatial_overlap: fraction of a chip shared with its neighbour, in [0, 1).
         rows: only these chip rows (lets workers plan their share; default all).
+        cols: only these chip columns (default all).
 
     Yields:
         ChipWindow per kept chip, in (row, col) order.
@@ -288,14 +290,24 @@ def plan_chips(grid: TargetGrid, aoi_utm: BaseGeometry, chip_size: int = DEFAULT
     step = chip_step_px(chip_size, spatial_overlap)
     col_offs = chip_offsets(grid.width, chip_size, step)
     row_offs = chip_offsets(grid.height, chip_size, step)
+    col_ids = list(range(len(col_offs))) if cols is None else [int(c) for c in cols]
     shapely.prepare(aoi_utm)
     for row in range(len(row_offs)) if rows is None else rows:
         row_off = row_offs[row]
-        windows = [(c, row_off, chip_size, chip_size) for c in col_offs]
+        windows = [(col_offs[c], row_off, chip_size, chip_size) for c in col_ids]
+        if not windows:
+            continue
         bounds = np.array([grid.window_bounds(w) for w in windows])
         hits = shapely.intersects(aoi_utm, shapely.box(*bounds.T))
-        for col in np.flatnonzero(hits):
-            yield ChipWindow((row, int(col)), windows[col], tuple(map(float, bounds[col])))
+        for k in np.flatnonzero(hits):
+            yield ChipWindow((row, col_ids[k]), windows[k], tuple(map(float, bounds[k])))
+
+
+def chip_lattice_px(grid: TargetGrid, chip_size: int = DEFAULT_CHIP_SIZE,
+                    spatial_overlap: float = DEFAULT_OVERLAP) -> tuple[list[int], list[int]]:
+    """The chip offsets of the grid: (row offsets, column offsets) in pixels."""
+    step = chip_step_px(chip_size, spatial_overlap)
+    return chip_offsets(grid.height, chip_size, step), chip_offsets(grid.width, chip_size, step)
 
 
 def date_group_id(region_name: str, day: date | datetime, orbit: int | None = None) -> str:
@@ -317,7 +329,8 @@ def make_date_group(region_name: str, day: date, items: Sequence[ParsedItem],
 
 def plan_chip_tasks(group: DateGroup, bands: Sequence[str], chip_size: int = DEFAULT_CHIP_SIZE,
                     spatial_overlap: float = DEFAULT_OVERLAP,
-                    rows: Sequence[int] | None = None) -> Iterator[ChipTask]:
+                    rows: Sequence[int] | None = None,
+                    cols: Sequence[int] | None = None) -> Iterator[ChipTask]:
     """Yield one ChipTask per chip of the group's grid that touches its AOI.
 
     Args:
@@ -326,6 +339,7 @@ def plan_chip_tasks(group: DateGroup, bands: Sequence[str], chip_size: int = DEF
         chip_size: chip side in pixels.
         spatial_overlap: fraction of a chip shared with its neighbour, in [0, 1).
         rows: only these chip rows (default all).
+        cols: only these chip columns (default all).
 
     Yields:
         ChipTask with, per item whose footprint touches the chip, the requested bands.
@@ -333,20 +347,33 @@ def plan_chip_tasks(group: DateGroup, bands: Sequence[str], chip_size: int = DEF
     Raises:
         DataError: an item lacks a requested band.
     """
-    band_ids = tuple(dict.fromkeys(canonical_band(b) for b in bands))
-    item_reads = [item_read(item, band_ids) for item in group.items]
-    footprints = [aoi_to_crs(shapely.from_wkb(i.footprint_wkb), group.grid.epsg)
-                  for i in group.items]
-    tree = shapely.STRtree(footprints)
-    aoi_utm = group.aoi_utm
-    for chip in plan_chips(group.grid, aoi_utm, chip_size, spatial_overlap, rows):
-        chip_box = shapely.box(*chip.bounds)
-        hits = sorted(tree.query(chip_box, predicate="intersects"))
+    windows = WindowPlanner(group, bands)
+    for chip in plan_chips(group.grid, windows.aoi_utm, chip_size, spatial_overlap, rows, cols):
+        task = windows.task(chip.chip_id, chip.window_px)
+        if task is not None:
+            yield task
+
+
+class WindowPlanner:
+    """Turns windows of a date group's grid into :class:`ChipTask` reads (items that touch them)."""
+
+    def __init__(self, group: DateGroup, bands: Sequence[str]):
+        band_ids = tuple(dict.fromkeys(canonical_band(b) for b in bands))
+        self.group = group
+        self._item_reads = [item_read(item, band_ids) for item in group.items]
+        footprints = [aoi_to_crs(shapely.from_wkb(i.footprint_wkb), group.grid.epsg) for i in group.items]
+        self._tree = shapely.STRtree(footprints)
+        self.aoi_utm = group.aoi_utm
+        shapely.prepare(self.aoi_utm)
+
+    def task(self, chip_id: tuple[int, int], window_px: WindowPx) -> ChipTask | None:
+        """The read of ``window_px`` (any size), or None when no item footprint touches it."""
+        box = shapely.box(*self.group.grid.window_bounds(window_px))
+        hits = sorted(self._tree.query(box, predicate="intersects"))
         if not hits:
-            continue
-        yield ChipTask(group.id, chip.chip_id, chip.window_px, group.grid.epsg,
-                       group.grid.transform, tuple(item_reads[i] for i in hits),
-                       _aoi_clip(aoi_utm, chip_box))
+            return None
+        return ChipTask(self.group.id, chip_id, window_px, self.group.grid.epsg, self.group.grid.transform,
+                        tuple(self._item_reads[i] for i in hits), _aoi_clip(self.aoi_utm, box))
 
 
 def item_read(item: ParsedItem, band_ids: Sequence[str]) -> ItemRead:

@@ -50,175 +50,14 @@ from dataclasses import dataclass, fields
 import numpy as np
 import shapely
 
-from raysam.errors import ConfigError, DataError
+from raysam.errors import ConfigError
+from raysam.records import MaskTable, box_area_px, unpack_crop
 
 IOU_MODES = ("mask", "box")
 DEFAULT_MASK_NMS_THR = 0.5  # seed parameter mask_nms_thr
 DEFAULT_CONTAINMENT_THR = 0.9  # share of a border mask's area inside another chip's mask
 DEFAULT_BORDER_PX = 1  # a box within the outermost 1 px of its chip "touches" the border
 CROP_CACHE_PX = 256 * 2**20  # unpacked crops kept per merge (bytes of bool): 256 MiB at most
-
-
-def unpack_bits(bits: np.ndarray, box_xyxy: Sequence[int]) -> np.ndarray:
-    """Boolean (h, w) mask from ``np.packbits(mask_crop, axis=1)`` of an inclusive box.
-
-    Same semantics as ``raysam.sam.masks.unpack_mask``.
-    """
-    width = int(box_xyxy[2]) - int(box_xyxy[0]) + 1
-    return np.unpackbits(bits, axis=1, count=width).view(bool)
-
-
-def box_area_px(box_xyxy: np.ndarray) -> np.ndarray:
-    """Pixel count of inclusive (n, 4) boxes."""
-    return (box_xyxy[:, 2] - box_xyxy[:, 0] + 1) * (box_xyxy[:, 3] - box_xyxy[:, 1] + 1)
-
-
-# --------------------------------------------------------------------------- the table
-
-
-@dataclass(frozen=True, eq=False)
-class MaskTable:
-    """Columnar MaskRecords of one date group, in the target grid's pixel frame.
-
-    Attributes:
-        mask_uid: (n,) stable unique id per record (int or str); the last tie-breaker.
-        chip_id: int64 (n, 2) chip (row, col).
-        chip_window_px: int64 (n, 4) chip window (col_off, row_off, w, h) on the grid.
-        box_xyxy: int64 (n, 4) SAM-style inclusive box [x0, y0, x1, y1] in grid pixels.
-        predicted_iou: float32 (n,).
-        stability_score: float32 (n,).
-        area: int64 (n,) mask pixel count (must equal the set bits of ``mask_bits``).
-        mask_bits: object (n,) of uint8 (h, ceil(w / 8)) ``np.packbits(crop, axis=1)``.
-    """
-
-    mask_uid: np.ndarray
-    chip_id: np.ndarray
-    chip_window_px: np.ndarray
-    box_xyxy: np.ndarray
-    predicted_iou: np.ndarray
-    stability_score: np.ndarray
-    area: np.ndarray
-    mask_bits: np.ndarray
-
-    def __post_init__(self) -> None:
-        _set = object.__setattr__
-        _set(self, "mask_uid", np.asarray(self.mask_uid))
-        for name, cols in (("chip_id", 2), ("chip_window_px", 4), ("box_xyxy", 4)):
-            _set(self, name, np.asarray(getattr(self, name), np.int64).reshape(-1, cols))
-        _set(self, "predicted_iou", np.asarray(self.predicted_iou, np.float32))
-        _set(self, "stability_score", np.asarray(self.stability_score, np.float32))
-        _set(self, "area", np.asarray(self.area, np.int64))
-        _set(self, "mask_bits", _as_bits_column(self.mask_bits, self.box_xyxy))
-        _validate_table(self)
-
-    def __len__(self) -> int:
-        return len(self.mask_uid)
-
-    def take(self, indices: np.ndarray) -> MaskTable:
-        """The records at ``indices`` (any order), as a new table."""
-        idx = np.asarray(indices, np.int64)
-        return MaskTable(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
-
-    @classmethod
-    def concat(cls, tables: Iterable[MaskTable]) -> MaskTable:
-        """Concatenate tables (e.g. the per-chip tables of one date group)."""
-        tables = list(tables)
-        if not tables:
-            return cls.empty()
-        return cls(**{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)})
-
-    @classmethod
-    def empty(cls) -> MaskTable:
-        """A table with no records."""
-        return cls(np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros((0, 4)), np.zeros((0, 4)),
-                   np.zeros(0), np.zeros(0), np.zeros(0), np.empty(0, object))
-
-    @classmethod
-    def from_chip(cls, chip_id: tuple[int, int], chip_window_px: Sequence[int], box_xyxy_chip: np.ndarray,
-                  predicted_iou: np.ndarray, stability_score: np.ndarray, area: np.ndarray,
-                  mask_bits: Sequence[np.ndarray], mask_uid: np.ndarray | None = None) -> MaskTable:
-        """One chip's masks, moving chip-pixel boxes into the grid frame by the window offset.
-
-        Args:
-            chip_id: (row, col) of the chip.
-            chip_window_px: (col_off, row_off, w, h) of the chip on the grid.
-            box_xyxy_chip: (n, 4) inclusive boxes in chip pixels.
-            predicted_iou, stability_score, area: (n,) per mask.
-            mask_bits: n packed crops to the boxes.
-            mask_uid: (n,) ids; default ``"rrrrr_ccccc_iiiii"`` as :mod:`raysam.records`.
-        """
-        n = len(mask_bits)
-        col_off, row_off = int(chip_window_px[0]), int(chip_window_px[1])
-        boxes = np.asarray(box_xyxy_chip, np.int64).reshape(-1, 4) + [col_off, row_off, col_off, row_off]
-        if mask_uid is None:
-            mask_uid = np.array([f"{chip_id[0]:05d}_{chip_id[1]:05d}_{i:05d}" for i in range(n)])
-        return cls(mask_uid, np.tile(np.asarray(chip_id, np.int64), (n, 1)),
-                   np.tile(np.asarray(chip_window_px, np.int64), (n, 1)), boxes,
-                   predicted_iou, stability_score, area, list(mask_bits))
-
-    @classmethod
-    def from_batch(cls, batch: Mapping[str, Sequence]) -> MaskTable:
-        """A table from MaskRecord columns as :mod:`raysam.records` names them.
-
-        Reads ``uid``, ``chip_row``, ``chip_col``, ``chip_window``, ``box_xyxy`` (grid frame),
-        ``predicted_iou``, ``stability_score``, ``area`` and ``mask_bits`` (bytes or uint8 arrays).
-        """
-        missing = [k for k in _BATCH_COLUMNS if k not in batch]
-        if missing:
-            raise DataError(f"MaskRecord batch lacks columns {missing}; "
-                            "produce rows with raysam.records.chip_mask_rows")
-        chip_id = np.stack([np.asarray(batch["chip_row"]), np.asarray(batch["chip_col"])], 1)
-        return cls(np.asarray(batch["uid"]), chip_id,
-                   _stack4(batch["chip_window"]), _stack4(batch["box_xyxy"]), batch["predicted_iou"],
-                   batch["stability_score"], batch["area"], list(batch["mask_bits"]))
-
-
-_BATCH_COLUMNS = ("uid", "chip_row", "chip_col", "chip_window", "box_xyxy", "predicted_iou",
-                  "stability_score", "area", "mask_bits")
-
-
-def _stack4(column: Sequence) -> np.ndarray:
-    return np.asarray([np.asarray(v, np.int64) for v in column], np.int64).reshape(-1, 4)
-
-
-def _as_bits_column(column: Sequence, box_xyxy: np.ndarray) -> np.ndarray:
-    """Object array of uint8 (h, ceil(w/8)) crops; bytes are reshaped using the boxes."""
-    out = np.empty(len(column), object)
-    for i, bits in enumerate(column):
-        if isinstance(bits, (bytes, bytearray, memoryview)):
-            x0, y0, x1, y1 = (int(v) for v in box_xyxy[i])
-            bits = np.frombuffer(bits, np.uint8)
-            if bits.size != (y1 - y0 + 1) * ((x1 - x0 + 8) // 8):
-                raise DataError(f"mask_bits of record {i} has {bits.size} bytes, not what its box needs; "
-                                "pack the crop with np.packbits(crop, axis=1)")
-            bits = bits.reshape(y1 - y0 + 1, -1)
-        out[i] = np.asarray(bits, np.uint8)
-    return out
-
-
-def _validate_table(t: MaskTable) -> None:
-    n = len(t.mask_uid)
-    lengths = {f.name: len(getattr(t, f.name)) for f in fields(t)}
-    if any(v != n for v in lengths.values()):
-        raise DataError(f"MaskTable columns differ in length {lengths}; build every column per record")
-    if n == 0:
-        return
-    if len(np.unique(t.mask_uid)) != n:
-        raise DataError("MaskTable mask_uid values are not unique; give every record its own id")
-    b, w = t.box_xyxy, t.chip_window_px
-    if np.any(b[:, 2] < b[:, 0]) or np.any(b[:, 3] < b[:, 1]):
-        raise DataError("MaskTable box_xyxy has x1 < x0 or y1 < y0; boxes are inclusive [x0, y0, x1, y1]")
-    outside = ((b[:, 0] < w[:, 0]) | (b[:, 1] < w[:, 1])
-               | (b[:, 2] >= w[:, 0] + w[:, 2]) | (b[:, 3] >= w[:, 1] + w[:, 3]))
-    if outside.any():
-        raise DataError(f"{int(outside.sum())} boxes lie outside their chip window; shift chip boxes by the "
-                        "window offset (MaskTable.from_chip) so both are in grid pixels")
-    if np.any(t.area <= 0) or np.any(t.area > box_area_px(b)):
-        raise DataError("MaskTable area must be in [1, box area]; use the mask's pixel count")
-    shapes = np.array([bits.shape for bits in t.mask_bits])
-    want = np.stack([b[:, 3] - b[:, 1] + 1, (b[:, 2] - b[:, 0] + 8) // 8], 1)
-    if shapes.shape != want.shape or np.any(shapes != want):
-        raise DataError("mask_bits shapes do not match their boxes; store np.packbits(crop, axis=1) of the box crop")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -418,7 +257,7 @@ class _CropCache:
     def get(self, r: int) -> np.ndarray:
         crop = self._crops.get(r)
         if crop is None:
-            crop = unpack_bits(self._table.mask_bits[r], self._table.box_xyxy[r])
+            crop = unpack_crop(self._table.mask_bits[r], self._table.box_xyxy[r])
             if crop.size <= self._budget_px:
                 self._crops[r] = crop
                 self._budget_px -= crop.size

@@ -1,25 +1,26 @@
-"""Ray Data wiring only: chip tasks -> reads -> SAM actors -> cross-chip merge -> merged rows.
+"""Ray Data wiring of the front half: chip rows -> chip tasks -> reads -> SAM actors -> checkpoints.
 
-Every stage here is a thin wrapper over a plain function that tests also call without Ray:
-:func:`raysam.read.read_chip`, :class:`raysam.sam.AutomaticMaskGenerator`,
-:func:`raysam.records.chip_mask_rows` and :func:`raysam.records.merge_cell_rows`. Dense masks
-never cross an operator: the SAM stage emits bit-packed mask crops (MaskRecord rows).
+Each stage wraps a plain function that tests also call without Ray
+(:func:`raysam.grid.plan_chip_tasks`, :func:`raysam.read.read_chip`,
+:class:`raysam.sam.AutomaticMaskGenerator`, :func:`raysam.records.chip_records`,
+:func:`raysam.checkpoint.write_shard`). A SAM actor checkpoints every chip's MaskRecords itself
+as soon as the chip is segmented, and reports it to :class:`~raysam.runstats.RunStats`; what leaves
+the pipeline is one tiny row per chip. Dense masks and records never cross an operator. On a
+re-run, the plan stage skips chips whose checkpoint is valid.
 
 Fault tolerance is set here, deliberately (:func:`configure_retries`): lost workers and nodes
 are retried and SAM actors restarted without limit, transient I/O errors in our code are
-retried a bounded number of times, raysam's own errors fail at once. Every process that runs
-our code reports its peak memory to the run's :class:`RunStats` actor, which also measures
-object-store spilling; the driver puts that report in each manifest (``counts.resources``).
+retried a bounded number of times, raysam's own errors fail at once.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
+import math
 import os
 import pickle
-import resource
-import sys
+import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from raysam import records
-from raysam.config import MergeConfig, RayConfig, RunConfig
+from raysam import checkpoint, records
+from raysam.config import RayConfig, RunConfig
+from raysam.layout import GroupSpec
+from raysam.model_source import ModelSource
+from raysam.runstats import STATS_ACTOR, process_info
 
-log = logging.getLogger(__name__)
-
-STATS_ACTOR = "raysam-run-stats"
 # Test and demo knob: seconds each SAM actor sleeps per chip (default 0). Fault-injection tests
 # set it so that "mid-run" (a node removed, an actor killed) is a wide window, not a race.
 SAM_CHIP_DELAY_ENV = "RAYSAM_SAM_CHIP_DELAY_S"
@@ -95,175 +96,33 @@ def configure_retries(ctx: Any, ray_cfg: RayConfig) -> None:
     ctx.max_errored_blocks = 0
 
 
-def memory_mb() -> tuple[float, float]:
-    """This process's (peak RSS, current private RSS) in MB, from ``/proc/self/status`` (Linux).
+def _stats() -> Any:
+    return ray.get_actor(STATS_ACTOR)
 
-    Peak RSS is ``VmHWM``: it counts the pages of Ray's shared-memory object store that the
-    process has touched (``RssShmem``), which grow with the number of objects it has written
-    until they reach the store's size. Private RSS is ``VmRSS - RssShmem``: the process's own
-    heap, stacks and libraries, where a leak would show. Elsewhere both are ``ru_maxrss``.
+
+def plan_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], resume: Mapping[str, bool]) -> dict:
+    """(date group, chip row) -> that row's chip tasks, so the driver never holds the chip list.
+
+    Chips of a resumed group whose checkpoint is valid are reported as resumed, not emitted.
     """
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssShmem"):
-                    fields[key] = int(value.split()[0])  # kB
-    except OSError:
-        pass
-    if "VmHWM" not in fields:
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024**2
-        return peak, peak
-    return fields["VmHWM"] / 1024, (fields.get("VmRSS", 0) - fields.get("RssShmem", 0)) / 1024
-
-
-def _process_info(role: str) -> tuple[str, int, str, float, float]:
-    """(role, pid, node id, peak RSS MB, private RSS MB) of the calling process (:meth:`RunStats.process_peak`).
-
-    Sent after every chip (reads, SAM) and merge batch, so the highest private RSS seen is the
-    process's private peak between chips, sampled once per chip.
-    """
-    return (role, os.getpid(), ray.get_runtime_context().get_node_id(), *memory_mb())
-
-
-def with_driver_memory(summary: dict[str, Any]) -> dict[str, Any]:
-    """Add the calling (driver) process's peak and current private RSS to a :meth:`RunStats.summary`.
-
-    The driver's peak is ``VmHWM`` of its own process image, unlike ``ru_maxrss``, which a
-    process started by fork and exec inherits from a larger parent.
-    """
-    peak, private = memory_mb()
-    summary["resources"]["peak_rss_mb"]["driver"] = round(peak, 1)
-    summary["resources"]["peak_private_mb"]["driver"] = round(private, 1)
-    return summary
-
-
-def object_store_totals() -> dict[str, int]:
-    """The cluster's cumulative object-store spill/restore totals (bytes and objects).
-
-    Ray has no public API for these; this asks a raylet for the global memory info as
-    ``ray memory --stats-only`` does. Returns an empty dict if that private API changes.
-    """
-    try:
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
-    except Exception as err:  # noqa: BLE001 - a report, never a reason to fail the run
-        log.warning("object-store spill statistics unavailable: %s", err)
-        return {}
-    s = reply.store_stats
-    return {"spilled_bytes": int(s.spilled_bytes_total), "spilled_objects": int(s.spilled_objects_total),
-            "restored_bytes": int(s.restored_bytes_total)}
-
-
-# Pinned to the head node (which a preemptible cluster never loses): the counters must
-# outlive any worker node. A local Ray's only node is its head.
-@ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})
-class RunStats:
-    """Idempotent per-chip counters (keyed by chip, so retried tasks never double count),
-    model loads, the peak memory of every process that ran our code, and spilled bytes."""
-
-    def __init__(self) -> None:
-        self.read: dict[str, set] = {}
-        self.skipped: dict[str, dict] = {}
-        self.masks: dict[str, dict] = {}
-        self.seconds: dict[str, float] = {}
-        self.model_loads: list[tuple[int, str]] = []
-        self.processes: dict[int, dict] = {}
-        self.store_at_start = object_store_totals()
-
-    def chip_read(self, group_id: str, chip: str, seconds: float, proc: tuple | None = None) -> None:
-        self.read.setdefault(group_id, set()).add(chip)
-        self.seconds["read"] = self.seconds.get("read", 0.0) + seconds
-        if proc:
-            self.process_peak(*proc)
-
-    def chip_skipped(self, group_id: str, chip: str, reason: str, proc: tuple | None = None) -> None:
-        self.skipped.setdefault(group_id, {})[chip] = reason
-        if proc:
-            self.process_peak(*proc)
-
-    def chip_masks(self, group_id: str, chip: str, count: int, seconds: float, proc: tuple | None = None) -> None:
-        self.masks.setdefault(group_id, {})[chip] = count
-        self.seconds["sam"] = self.seconds.get("sam", 0.0) + seconds
-        if proc:
-            self.process_peak(*proc)
-
-    def model_loaded(self, pid: int, node_id: str) -> None:
-        self.model_loads.append((pid, node_id))
-
-    def process_peak(self, role: str, pid: int, node_id: str, rss_mb: float, private_mb: float) -> None:
-        """Keep the highest peak and private RSS seen for a process, and every role it played."""
-        entry = self.processes.setdefault(
-            pid, {"pid": pid, "node_id": node_id, "roles": [], "peak_rss_mb": 0.0, "peak_private_mb": 0.0})
-        if role not in entry["roles"]:
-            entry["roles"].append(role)
-        entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(rss_mb, 1))
-        entry["peak_private_mb"] = max(entry["peak_private_mb"], round(private_mb, 1))
-
-    def chips_done(self) -> int:
-        """Chips through the SAM stage so far (all date groups)."""
-        return sum(len(m) for m in self.masks.values())
-
-    def sam_pids(self) -> list[int]:
-        """Process ids of the SAM actors that loaded a model, in load order."""
-        return [pid for pid, _ in self.model_loads]
-
-    def resources(self) -> dict[str, Any]:
-        """Run-level resource report: model loads, peak memory per role and process, spilling.
-
-        ``peak_private_mb`` is the figure that must stay flat as regions grow;
-        ``peak_rss_mb`` also counts the object-store pages a process touched (shared, capped
-        by the store's size). See :func:`memory_mb`.
-        """
-        self.process_peak(*_process_info("stats"))
-        end = object_store_totals()
-        return {
-            "sam_model_loads": len(self.model_loads),
-            "peak_private_mb": self._by_role("peak_private_mb"),
-            "peak_rss_mb": self._by_role("peak_rss_mb"),
-            "processes": sorted(self.processes.values(), key=lambda e: e["pid"]),
-            "object_store": {k: end[k] - self.store_at_start.get(k, 0) for k in end},
-        }
-
-    def _by_role(self, key: str) -> dict[str, float]:
-        by_role: dict[str, float] = {}
-        for entry in self.processes.values():
-            for role in entry["roles"]:
-                by_role[role] = max(by_role.get(role, 0.0), entry[key])
-        return dict(sorted(by_role.items()))
-
-    def summary(self, group_id: str) -> dict[str, Any]:
-        skipped = self.skipped.get(group_id, {})
-        reasons: dict[str, int] = {}
-        for reason in skipped.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        return {
-            "chips_read": len(self.read.get(group_id, ())),
-            "chips_skipped": len(skipped),
-            "chips_skipped_by_reason": reasons,
-            "masks_before_merge": int(sum(self.masks.get(group_id, {}).values())),
-            "resources": self.resources(),
-        }
-
-    def stage_seconds(self) -> dict[str, float]:
-        return dict(self.seconds)
-
-
-def plan_stage(batch: dict[str, np.ndarray], groups: dict, bands: tuple[str, ...], spatial_overlap: float) -> dict:
-    """(date group, chip row) -> that row's chip tasks, so the driver never holds the chip list."""
     from raysam.grid import plan_chip_tasks
 
-    blobs = [
-        pickle.dumps(task)
-        for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True)
-        for task in plan_chip_tasks(groups[str(gid)], bands, spatial_overlap=spatial_overlap, rows=[int(row)])
-    ]
-    tasks = np.empty(len(blobs), object)
-    tasks[:] = blobs
-    return {"task": tasks}
+    stats = _stats()
+    blobs = []
+    for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True):
+        spec = specs[str(gid)]
+        tasks = list(plan_chip_tasks(spec.group, spec.chip_bands, spec.chip_px, spec.spatial_overlap, rows=[int(row)]))
+        for task in tasks:
+            outcome = checkpoint.resume_outcome(spec.root, spec.work_dir, task.chip_id, spec.fingerprint,
+                                                spec.group.id) if resume[str(gid)] else None
+            if outcome is None:
+                blobs.append(pickle.dumps(task))
+            else:
+                stats.chip_resumed.remote(spec.group.id, records.chip_key(task.chip_id), asdict(outcome))
+        stats.row_planned.remote(spec.group.id, int(row), len(tasks), process_info("plan"))
+    out = np.empty(len(blobs), object)
+    out[:] = blobs
+    return {"task": out}
 
 
 @functools.lru_cache(maxsize=4)
@@ -274,14 +133,12 @@ def _signer(stac_cfg: Any) -> Any:
     return make_href_signer(stac_cfg)
 
 
-def read_stage(batch: dict[str, np.ndarray], scaling: dict, signer_cfg: Any, max_cloud_fraction: float,
-               network: Any = None) -> dict:
-    """Chip tasks -> chip pixels (RGB uint8 + valid mask); skipped chips are counted, not emitted."""
-    import time
-
+def read_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], scaling: dict, signer_cfg: Any,
+               max_cloud_fraction: float, network: Any = None) -> dict:
+    """Chip tasks -> chip pixels (RGB uint8 + valid mask); a skipped chip is checkpointed as skipped."""
     from raysam.read import read_chip
 
-    stats = ray.get_actor(STATS_ACTOR)
+    stats = _stats()
     signer = _signer(signer_cfg)
     out: dict[str, list] = {"task": [], "rgb": [], "valid_bits": []}
     for blob in batch["task"]:
@@ -291,9 +148,13 @@ def read_stage(batch: dict[str, np.ndarray], scaling: dict, signer_cfg: Any, max
                            network=network)
         chip = records.chip_key(task.chip_id)
         if getattr(result, "rgb", None) is None:
-            stats.chip_skipped.remote(task.date_group_id, chip, result.reason, _process_info("read"))
+            spec = specs[task.date_group_id]
+            outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SKIPPED, result.reason)
+            checkpoint.write_shard(spec.root, spec.work_dir, spec.fingerprint, outcome, records.empty_records())
+            stats.chip_skipped.remote(task.date_group_id, chip, result.reason, time.perf_counter() - t0,
+                                      process_info("read"))
             continue
-        stats.chip_read.remote(task.date_group_id, chip, time.perf_counter() - t0, _process_info("read"))
+        stats.chip_read.remote(task.date_group_id, chip, time.perf_counter() - t0, process_info("read"))
         out["task"].append(blob)
         out["rgb"].append(result.rgb)
         out["valid_bits"].append(np.packbits(result.valid & ~result.cloud))
@@ -305,152 +166,100 @@ def read_stage(batch: dict[str, np.ndarray], scaling: dict, signer_cfg: Any, max
 
 
 class SamStage:
-    """Actor: loads the ONNX encoder and decoder once, runs the chip generator, emits MaskRecords.
+    """Actor: loads the ONNX encoder and decoder once, segments chips, checkpoints their MaskRecords.
 
-    Each model load is reported to :class:`RunStats` (pid, node), so a restarted actor shows
-    as one more load. ``RAYSAM_SAM_CHIP_DELAY_S`` (:data:`SAM_CHIP_DELAY_ENV`) makes it sleep
-    that long per chip: a throttle for fault-injection tests, 0 by default.
+    Each model load is reported to :class:`~raysam.runstats.RunStats` (pid, node), so a restarted
+    actor shows as one more load. ONNX Runtime gets ``threads`` intra-op threads (the actor's CPU
+    reservation, rounded up), not every core of the node. ``RAYSAM_SAM_CHIP_DELAY_S``
+    (:data:`SAM_CHIP_DELAY_ENV`) makes it sleep that long per chip: a throttle for
+    fault-injection tests, 0 by default.
     """
 
-    def __init__(self, model_source: records.ModelSource, amg_params: dict, device: str):
+    def __init__(self, model_source: ModelSource, amg_params: dict, device: str, specs: Mapping[str, GroupSpec],
+                 threads: int | None = None):
         from raysam.sam import AutomaticMaskGenerator, load_model
 
-        self.model = load_model(model_source.materialise(), device=device)
+        self.model = load_model(model_source.materialise(), device=device, intra_op_threads=threads)
         self.generator = AutomaticMaskGenerator(self.model, **amg_params)
+        self.specs = specs
         self.delay_s = float(os.environ.get(SAM_CHIP_DELAY_ENV) or 0.0)
-        self.stats = ray.get_actor(STATS_ACTOR)
+        self.stats = _stats()
         ray.get(self.stats.model_loaded.remote(os.getpid(), ray.get_runtime_context().get_node_id()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import time
-
-        rows: list[dict] = []
+        done = []
         for blob, rgb, valid_bits in zip(batch["task"], batch["rgb"], batch["valid_bits"], strict=True):
             task = pickle.loads(blob)
             t0 = time.perf_counter()
             masks = self.generator.generate_compact(rgb)
             valid = np.unpackbits(valid_bits, count=rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(bool)
-            chip_rows = records.chip_mask_rows(task, masks, valid)
+            chip_records = records.chip_records(task, masks, valid)
             time.sleep(self.delay_s)
-            self.stats.chip_masks.remote(task.date_group_id, records.chip_key(task.chip_id), len(chip_rows),
-                                         time.perf_counter() - t0, _process_info("sam"))
-            rows.extend(chip_rows)
-        return records.rows_to_columns(rows)
+            prompts = int(getattr(masks, "n_prompts", 0))
+            seconds = time.perf_counter() - t0
+            spec = self.specs[task.date_group_id]
+            outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SEGMENTED, "", chip_records.num_rows,
+                                             prompts, round(seconds, 3))
+            checkpoint.write_shard(spec.root, spec.work_dir, spec.fingerprint, outcome, chip_records)
+            chip = records.chip_key(task.chip_id)
+            self.stats.chip_segmented.remote(task.date_group_id, chip, chip_records.num_rows, prompts, seconds,
+                                             process_info("sam"))
+            done.append(f"{task.date_group_id}/{chip}")
+        out = np.empty(len(done), object)
+        out[:] = done
+        return {"chip": out}
 
 
-def sam_records(groups: dict, cfg: RunConfig, scaling: dict, model_source: records.ModelSource) -> ray.data.Dataset:
-    """Chip rows -> chip tasks -> chip reads (CPU tasks) -> SAM (actor pool) -> MaskRecords, materialised.
+def sam_threads(ray_cfg: RayConfig) -> int:
+    """ONNX Runtime threads of a SAM actor: its CPU reservation rounded up (at least 1)."""
+    return max(1, math.ceil(ray_cfg.cpus_per_actor))
 
-    The records are compact (bit-packed crops) and the merge needs all of them anyway, so they
-    are materialised once in the object store; the merge (and, rarely, its wider second pass)
-    reads them from there.
+
+def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, model_source: ModelSource,
+                 resume: Mapping[str, bool]) -> ray.data.Dataset:
+    """The lazy chain: chip rows -> chip tasks -> chip reads (CPU tasks) -> SAM (actor pool) -> checkpoints.
+
+    Rows are ordered by date group, so groups finish (and publish) one after another.
+
+    Args:
+        specs: the date groups to do, in order.
+        cfg: the run config.
+        scaling: each group's RGB scaling.
+        model_source: where actors load the model from.
+        resume: per group, whether its work directory already holds checkpoints to skip.
     """
-    return sam_dataset(groups, cfg, scaling, model_source).materialize()
-
-
-def sam_dataset(groups: dict, cfg: RunConfig, scaling: dict, model_source: records.ModelSource) -> ray.data.Dataset:
-    """The lazy chain behind :func:`sam_records`, with the retry policy set (:func:`configure_retries`)."""
     ctx = ray.data.DataContext.get_current()
     configure_retries(ctx, cfg.ray)
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = False  # the driver shows progress per date group
 
     from raysam.grid import chip_rows
-    from raysam.plan import chip_bands
 
     overlap = cfg.chip.spatial_overlap
-    rows = [{"date_group_id": gid, "chip_row": r} for gid, g in groups.items() for r in range(chip_rows(g.grid, spatial_overlap=overlap))]
+    rows = [{"date_group_id": gid, "chip_row": r} for gid, s in specs.items()
+            for r in range(chip_rows(s.group.grid, spatial_overlap=overlap))]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
-    ds = ds.map_batches(
-        plan_stage, batch_size=1, num_cpus=0.25,
-        fn_kwargs={"groups": groups, "bands": chip_bands(cfg), "spatial_overlap": overlap},
-    )
+    ds = ds.map_batches(plan_stage, batch_size=1, num_cpus=0.25, fn_kwargs={"specs": specs, "resume": dict(resume)})
     ds = ds.map_batches(
         read_stage,
         batch_size=1,
         num_cpus=cfg.ray.read_cpus,
-        fn_kwargs={"scaling": scaling, "signer_cfg": cfg.stac, "max_cloud_fraction": cfg.chip.max_cloud_fraction,
-                   "network": cfg.network},
+        fn_kwargs={"specs": specs, "scaling": scaling, "signer_cfg": cfg.stac,
+                   "max_cloud_fraction": cfg.chip.max_cloud_fraction, "network": cfg.network},
         memory=READ_TASK_MEMORY_BYTES,
         compute=ray.data.TaskPoolStrategy(size=cfg.ray.read_concurrency),
     )
     pool = ray.data.ActorPoolStrategy(min_size=cfg.ray.sam_actors, max_size=cfg.ray.sam_actors_max or cfg.ray.sam_actors)
-    ds = ds.map_batches(
+    return ds.map_batches(
         SamStage,
         batch_size=1,
         compute=pool,
         num_gpus=cfg.ray.gpus_per_actor,
         num_cpus=cfg.ray.cpus_per_actor,
-        fn_constructor_kwargs={"model_source": model_source, "amg_params": asdict(cfg.amg), "device": cfg.device},
+        fn_constructor_kwargs={"model_source": model_source, "amg_params": asdict(cfg.amg), "device": cfg.device,
+                               "specs": specs, "threads": sam_threads(cfg.ray)},
     )
-    return ds
 
 
-def expand_stage(batch: dict[str, np.ndarray], grids: dict[str, records.GridInfo]) -> dict[str, np.ndarray]:
-    """:func:`raysam.records.expand_to_cells`, reporting this process's peak memory."""
-    out = records.expand_to_cells(batch, grids)
-    _report_peak("merge")
-    return out
-
-
-def merge_stage(batch: dict[str, np.ndarray], merge_params: dict,
-                grids: dict[str, records.GridInfo]) -> dict[str, np.ndarray]:
-    """:func:`raysam.records.merge_cell_batch`, reporting this process's peak memory.
-
-    The report is awaited, so it is in :class:`RunStats` before the sorted rows reach the driver.
-    """
-    out = records.merge_cell_batch(batch, merge_params, grids)
-    _report_peak("merge")
-    return out
-
-
-def _report_peak(role: str) -> None:
-    """Send this process's peak memory to the run's :class:`RunStats`, if a run is on."""
-    try:
-        stats = ray.get_actor(STATS_ACTOR)
-    except ValueError:  # the merge used on its own (tests, notebooks): nothing to report to
-        return
-    ray.get(stats.process_peak.remote(*_process_info(role)))
-
-
-def merged_records(mask_records: ray.data.Dataset, merge: MergeConfig, grids: dict[str, records.GridInfo]) -> ray.data.Dataset:
-    """The spatial reduce: replicate records into merge cells, merge each cell, sort by group and uid.
-
-    Rows come back with ``status`` ``kept`` or ``unresolved`` (see :func:`resolve_unresolved`).
-    """
-    ctx = ray.data.DataContext.get_current()
-    # The reduce groups rows by (date group, cell) with a hash shuffle: pinned, not left to defaults,
-    # with as many partitions as there are cells (capped), not Ray's default 200.
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.HASH_SHUFFLE
-    n_cells = sum(g.n_cells for g in grids.values())
-    merge_params = {"mask_nms_thr": merge.mask_nms_thr, "iou_mode": merge.iou_mode}
-    ds = mask_records.map_batches(expand_stage, batch_format="numpy", fn_kwargs={"grids": grids})
-    ds = ds.groupby(["date_group_id", "cell_row", "cell_col"], num_partitions=max(1, min(n_cells, 64))).map_groups(
-        merge_stage, batch_format="numpy", fn_kwargs={"merge_params": merge_params, "grids": grids}
-    )
-    return ds.sort(["date_group_id", "uid"])
-
-
-def resolve_unresolved(mask_records: ray.data.Dataset, group_id: str, pending_uids: list[str], merge: MergeConfig,
-                       grid: records.GridInfo) -> set[str]:
-    """Which of a date group's ``unresolved`` records the merge keeps (rare: long link chains).
-
-    Reads the group's records back from the materialised dataset and widens the halo until the
-    decisions are exact (:func:`raysam.merge.resolve_pending`).
-    """
-    from ray.data.expressions import col
-
-    from raysam.merge import MaskTable, resolve_pending
-
-    log.warning("date group %s: %d merge decisions outgrew the halo; widening it", group_id, len(pending_uids))
-    rows = mask_records.filter(expr=col("date_group_id") == group_id).to_pandas()
-    batch = {c: rows[c].to_numpy() for c in rows.columns}
-    batch["mask_bits"] = [np.frombuffer(b, np.uint8).reshape(int(bx[3] - bx[1] + 1), -1)
-                          for b, bx in zip(batch["mask_bits"], batch["box_xyxy"], strict=True)]
-    kept = resolve_pending(MaskTable.from_batch(batch), np.asarray(pending_uids), grid.cell_px, grid.chip_px,
-                           (grid.height, grid.width), mask_nms_thr=merge.mask_nms_thr, iou_mode=merge.iou_mode)
-    return {str(u) for u in kept}
-
-
-def model_source_for(cfg: RunConfig, model_dir: Path) -> records.ModelSource:
+def model_source_for(cfg: RunConfig, model_dir: Path) -> ModelSource:
     """Ship the model by path when every worker sees it (local Ray), else by bytes."""
-    return records.ModelSource.from_path(model_dir, ship_bytes=cfg.ray.address is not None)
+    return ModelSource.from_path(model_dir, ship_bytes=cfg.ray.address is not None)

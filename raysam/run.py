@@ -150,10 +150,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise
         raise user from err
     metrics["wall_s"] = time.perf_counter() - t0
-    metrics["chips_per_s"] = metrics["chips_read"] / metrics["wall_s"] if metrics["wall_s"] else 0.0
+    chips = metrics["chips_segmented"] + metrics["chips_resumed"]
+    metrics["chips_per_s"] = metrics["chips_segmented"] / metrics["wall_s"] if metrics["wall_s"] else 0.0
+    resumed = f", {metrics['chips_resumed']} from checkpoints" if metrics["chips_resumed"] else ""
     print(
         f"raysam: {metrics['groups_done']} date group(s) written, {metrics['groups_skipped']} already complete; "
-        f"{metrics['chips_read']} chips ({metrics['chips_skipped']} skipped), {metrics['masks']} masks, "
+        f"{chips} chips ({metrics['chips_skipped']} skipped{resumed}), {metrics['masks']} masks, "
         f"{metrics['area_km2']:,.1f} km² in {metrics['wall_s']:.1f} s ({metrics['chips_per_s']:.2f} chips/s)"
     )
     return metrics

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from raysam.errors import ConfigError, DataError
 from raysam.merge import (
-    MaskTable,
     MergeParams,
     cell_keys,
     group_keys,
@@ -24,6 +24,7 @@ from raysam.merge import (
     merge_masks,
     owner_cells,
 )
+from raysam.records import RECORD_SCHEMA, MaskTable, pack_crop, to_mask_table, unpack_crop
 
 # --------------------------------------------------------------------------- scene generator
 
@@ -494,18 +495,19 @@ def test_cell_keys_cover_exactly_the_cells_whose_region_meets_the_box():
 # --------------------------------------------------------------------------- table and errors
 
 
-def test_from_batch_reads_record_rows():
+def test_to_mask_table_reads_record_rows():
     crop = np.zeros((3, 10), bool)
     crop[1, 2:9] = True
     crop[0, 0] = crop[2, 9] = True
-    batch = {"uid": ["00000_00001_00000"], "chip_row": [0], "chip_col": [1], "chip_window": [np.array([32, 0, 64, 64])],
-             "box_xyxy": [np.array([40, 5, 49, 7], np.int32)], "predicted_iou": [0.9], "stability_score": [0.97],
-             "area": [9], "mask_bits": [np.packbits(crop, axis=1).tobytes()]}
-    table = MaskTable.from_batch(batch)
-    assert table.chip_id.tolist() == [[0, 1]]
-    assert np.array_equal(np.unpackbits(table.mask_bits[0], axis=1, count=10).astype(bool), crop)
+    rows = pa.table({"date_group_id": ["g"], "chip_row": [0], "chip_col": [1], "mask_index": [0],
+                     "uid": ["00000_00001_00000"], "box_xyxy": [[40, 5, 49, 7]], "chip_window": [[32, 0, 64, 64]],
+                     "predicted_iou": [0.9], "stability_score": [0.97], "area": [9], "point_xy": [[41.0, 6.0]],
+                     "prompt_round": [0], "mask_bits": [pack_crop(crop)]}, schema=RECORD_SCHEMA)
+    table = to_mask_table(rows)
+    assert table.chip_id.tolist() == [[0, 1]] and table.box_xyxy.tolist() == [[40, 5, 49, 7]]
+    assert np.array_equal(unpack_crop(table.mask_bits[0], table.box_xyxy[0]), crop)
     with pytest.raises(DataError, match="lacks columns \\['area'\\]"):
-        MaskTable.from_batch({k: v for k, v in batch.items() if k != "area"})
+        to_mask_table(rows.drop_columns(["area"]))
 
 
 def test_from_chip_shifts_boxes_by_the_window_offset():

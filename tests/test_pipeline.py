@@ -70,7 +70,8 @@ def test_outputs_are_complete_and_open_in_gis_tools(demo_run):
     assert len(groups) == 2 == metrics["groups_done"]  # two dates
     for d in groups:
         assert sorted(p.name for p in d.iterdir()) == [
-            "_COMPLETE.json", "labels.tif", "manifest.json", "masks.parquet", "quicklook.png", "s2"]
+            "_COMPLETE.json", "labels", "labels.tif", "labels.vrt", "manifest.json", "masks", "masks.parquet",
+            "quicklook.pgw", "quicklook.png", "s2"]
         masks = gpd.read_parquet(d / "masks.parquet")
         assert masks.crs.to_epsg() == 4326 and len(masks) > 0
         assert json.loads(pq.read_schema(d / "masks.parquet").metadata[b"geo"])["version"] == "1.1.0"
@@ -84,8 +85,30 @@ def test_outputs_are_complete_and_open_in_gis_tools(demo_run):
         manifest = json.loads((d / "manifest.json").read_text())
         counts = manifest["counts"]
         assert counts["masks_after_merge"] == len(masks) <= counts["masks_before_merge"]
-        assert counts["chips_read"] + counts["chips_skipped"] >= 1
+        assert counts["chips_segmented"] + counts["chips_skipped"] >= 1
+        assert counts["chips_planned"] == counts["chips_segmented"] + counts["chips_resumed"]
         assert manifest["model"]["family"] == "demo"
+    assert not list(root.rglob(".*")), "work, staging or lock files left behind"
+
+
+def test_partitioned_and_single_file_outputs_agree(demo_run):
+    """The tiles and parts are the outputs; the single files below the threshold are copies of them."""
+    root, _ = demo_run
+    for d in _group_dirs(root):
+        single = gpd.read_parquet(d / "masks.parquet")
+        parts = gpd.read_parquet(d / "masks")  # the folder of parts, as geopandas reads a dataset
+        assert len(parts) == len(single) and sorted(parts["id"]) == list(single["id"])
+        parts = parts.set_index("id").loc[single["id"]]
+        assert all(a.equals(b) for a, b in zip(parts.geometry, single.geometry, strict=True))
+        with rasterio.open(d / "labels.vrt") as mosaic, rasterio.open(d / "labels.tif") as one:
+            assert (mosaic.width, mosaic.height, mosaic.crs, mosaic.transform) == (one.width, one.height, one.crs,
+                                                                                 one.transform)
+            assert np.array_equal(mosaic.read(1), one.read(1))
+        tiles = sorted((d / "labels").glob("*.tif"))
+        assert len(tiles) == json.loads((d / "manifest.json").read_text())["date_group"]["tiles"] >= 1
+        for band in ("B02", "B03", "B04", "B08"):
+            with rasterio.open(d / "s2" / f"{band}.vrt") as mosaic, rasterio.open(d / "s2" / f"{band}.tif") as one:
+                assert np.array_equal(mosaic.read(1), one.read(1)) and mosaic.scales == one.scales
 
 
 def test_fields_are_recovered_once_each_across_the_zone_boundary(demo_run, demo_catalog):

@@ -1,66 +1,52 @@
-"""The label raster: uint32 mask ids on the target grid, smaller mask wins, written as a COG.
+"""The label raster, one tile at a time: uint32 mask ids on the target grid, smaller mask wins.
 
-Masks arrive in any order; two memory-mapped scratch arrays (labels and the area of the mask
-that owns each pixel) make "smaller wins" order-independent without holding a state-sized
-raster in RAM. ``close`` writes a tiled GeoTIFF from the memmaps window by window and turns
-it into a Cloud-Optimized GeoTIFF with nearest-neighbour overviews.
+:func:`paint_labels` is pure: given the masks that touch a window (boxes in grid pixels, packed
+crops, areas, ids) it returns the window's ids. "Smaller wins" (ties: the lower id) is decided per
+pixel by comparing areas, so the result does not depend on the order masks arrive in, and a tile
+needs nothing but its own masks. Tiles are written as COGs and mosaicked by a VRT
+(:mod:`raysam.sinks.mosaic`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-import rasterio
-import rasterio.shutil
-from affine import Affine
-from rasterio.windows import Window
 
-BLOCK = 512  # COG tile size (GDAL COG driver default)
+from raysam.records import unpack_crop
+
+LABEL_NODATA = 0  # background
+LABEL_DESCRIPTION = "mask id (label_id in the polygons; 0 = no mask)"
 
 
-class LabelRasterWriter:
-    """Paints masks into a uint32 label raster (0 = background) and writes it as a COG."""
+def paint_labels(window_px: Sequence[int], box_xyxy: np.ndarray, mask_bits: Sequence, area: np.ndarray,
+                 ids: np.ndarray) -> np.ndarray:
+    """The uint32 ids of a window: each pixel gets the smallest mask covering it (ties: lowest id).
 
-    def __init__(self, path: Path, width: int, height: int, transform: Affine, crs_epsg: int, scratch_dir: Path):
-        self.path = Path(path)
-        self.width, self.height = width, height
-        self.transform, self.crs_epsg = transform, crs_epsg
-        self._scratch = Path(scratch_dir)
-        shape = (height, width)
-        self._labels = np.lib.format.open_memmap(self._scratch / "labels.npy", "w+", np.uint32, shape)
-        self._area = np.lib.format.open_memmap(self._scratch / "area.npy", "w+", np.uint32, shape)
+    Args:
+        window_px: (col_off, row_off, width, height) on the target grid.
+        box_xyxy: int (n, 4) inclusive boxes in grid pixels.
+        mask_bits: n packed crops (:func:`raysam.records.pack_crop`).
+        area: (n,) mask pixel counts (the size that decides overlaps).
+        ids: (n,) mask ids (> 0).
 
-    def paint(self, mask_id: int, box_xyxy: Sequence[int], mask: np.ndarray, area: int) -> None:
-        """Paint one mask (bool crop to its inclusive grid box) where it is smaller than the owner."""
-        x0, y0, x1, y1 = (int(v) for v in box_xyxy)
-        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x1 + 1, self.width), min(y1 + 1, self.height)
+    Returns:
+        uint32 (height, width), 0 where no mask is.
+    """
+    x_off, y_off, width, height = (int(v) for v in window_px)
+    labels = np.zeros((height, width), np.uint32)
+    owner_area = np.zeros((height, width), np.int64)
+    for box, bits, a, mask_id in zip(np.asarray(box_xyxy).tolist(), mask_bits, np.asarray(area).tolist(),
+                                     np.asarray(ids).tolist(), strict=True):
+        x0, y0, x1, y1 = box
+        xa, ya = max(x0, x_off), max(y0, y_off)
+        xb, yb = min(x1 + 1, x_off + width), min(y1 + 1, y_off + height)
         if xa >= xb or ya >= yb:
-            return
-        sub = mask[ya - y0 : yb - y0, xa - x0 : xb - x0]
-        owner_area = self._area[ya:yb, xa:xb]
-        win = sub & ((owner_area == 0) | (owner_area > area) | ((owner_area == area) & (self._labels[ya:yb, xa:xb] > mask_id)))
-        self._labels[ya:yb, xa:xb][win] = mask_id
-        owner_area[win] = area
-
-    def close(self) -> None:
-        """Write the COG (deflate, predictor off, nearest overviews) and drop the scratch arrays."""
-        tmp = self.path.with_suffix(".tiled.tif")
-        profile = dict(
-            driver="GTiff", width=self.width, height=self.height, count=1, dtype="uint32", nodata=0,
-            crs=f"EPSG:{self.crs_epsg}", transform=self.transform, tiled=True, blockxsize=BLOCK,
-            blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
-        )
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for row in range(0, self.height, BLOCK * 4):
-                h = min(BLOCK * 4, self.height - row)
-                dst.write(self._labels[row : row + h][None], window=Window(0, row, self.width, h))
-        rasterio.shutil.copy(
-            tmp, self.path, driver="COG", compress="DEFLATE", overview_resampling="NEAREST", blocksize=BLOCK,
-            BIGTIFF="IF_SAFER",
-        )
-        tmp.unlink()
-        del self._labels, self._area
-        for name in ("labels.npy", "area.npy"):
-            (self._scratch / name).unlink(missing_ok=True)
+            continue
+        sub = unpack_crop(bits, box)[ya - y0 : yb - y0, xa - x0 : xb - x0]
+        win_lab = labels[ya - y_off : yb - y_off, xa - x_off : xb - x_off]
+        win_area = owner_area[ya - y_off : yb - y_off, xa - x_off : xb - x_off]
+        take = sub & ((win_area == 0) | (win_area > a) | ((win_area == a) & (win_lab > mask_id)))
+        win_lab[take] = mask_id
+        win_area[take] = a
+    return labels

@@ -1,10 +1,11 @@
 """Interrupted backfills: per-date-group locks, stale-lock takeover, resume after SIGKILL.
 
-The fast tests drive :class:`raysam.sinks.store.OutputRoot` with real processes holding (or
-having held) the locks. The slow ones run ``python -m raysam.run`` on the demo region: two
-runs on one output root at once (the loser stops with one line), then a run killed with
-SIGKILL right after its first date group is published, re-run to completion and compared
-file by file with the undisturbed run.
+The fast tests drive :mod:`raysam.storage.locks` with real processes holding (or having held)
+the locks. The slow ones run ``python -m raysam.run`` on the demo region: two runs on one output
+root at once (the loser stops with one line); a run killed with SIGKILL right after its first
+date group is published; and one killed once half of a date group's chips are checkpointed,
+which the re-run resumes chip by chip. Each re-run is compared file by file with the undisturbed
+run.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import pytest
 from PIL import Image
 
 from raysam.errors import ConfigError
-from raysam.sinks import store
-from raysam.sinks.store import MARKER, OutputRoot
+from raysam.storage import locks
+from raysam.storage.locks import claim, keep_alive, lock_path, release
+from raysam.storage.publish import LocalPublisher
+from raysam.storage.root import MARKER, OutputRoot
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP_DIR = "demo/run/demo_20240701"
@@ -42,9 +45,10 @@ def _holder(root_dir: Path, group_dir: str, then: str) -> subprocess.Popen:
     """Another process that claims ``group_dir``, prints "held", then runs ``then``."""
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from raysam.sinks.store import OutputRoot
+        from raysam.storage.locks import claim
+        from raysam.storage.root import OutputRoot
         root = OutputRoot.open({str(root_dir)!r})
-        root.claim("g", root.path(*{group_dir!r}.split("/")))
+        claim(root, "g", root.path(*{group_dir!r}.split("/")))
         print("held", flush=True)
         {then}
     """)
@@ -59,11 +63,11 @@ def test_second_claim_is_refused_with_one_line_naming_group_and_lock(tmp_path):
     holder = _holder(tmp_path / "out", GROUP_DIR, "time.sleep(60)")
     try:
         with pytest.raises(ConfigError) as err:
-            root.claim("demo_20240701", root.path(*GROUP_DIR.split("/")))
+            claim(root, "demo_20240701", root.path(*GROUP_DIR.split("/")))
     finally:
         holder.kill()
         holder.wait()
-    lock = root.lock_path(root.path(*GROUP_DIR.split("/")))
+    lock = lock_path(root.path(*GROUP_DIR.split("/")))
     message = str(err.value)
     assert message.startswith("date group demo_20240701 is being written by another raysam run")
     assert f"pid {holder.pid} on host" in message and f"delete {lock}" in message and "\n" not in message
@@ -74,36 +78,36 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
     group_dir = root.path(*GROUP_DIR.split("/"))
     holder = _holder(tmp_path / "out", GROUP_DIR, "os.kill(os.getpid(), signal.SIGKILL)")
     assert holder.wait() == -signal.SIGKILL
-    assert json.loads(Path(root.lock_path(group_dir)).read_text())["pid"] == holder.pid
-    with caplog.at_level(logging.WARNING, logger="raysam.sinks.store"):
-        lock = root.claim("demo_20240701", group_dir)
+    assert json.loads(Path(lock_path(group_dir)).read_text())["pid"] == holder.pid
+    with caplog.at_level(logging.WARNING, logger="raysam.storage.locks"):
+        lock = claim(root, "demo_20240701", group_dir)
     assert "took over the stale lock" in caplog.text and str(holder.pid) in caplog.text
     assert json.loads(Path(lock.path).read_text())["pid"] == os.getpid()
-    root.release(lock)
+    release(root, lock)
     assert not Path(lock.path).exists()
 
 
 def test_lock_from_another_host_is_stale_only_after_the_lease(tmp_path):
     root = _root(tmp_path)
     group_dir = root.path(*GROUP_DIR.split("/"))
-    lock_path = Path(root.lock_path(group_dir))
-    lock_path.parent.mkdir(parents=True)
-    lock_path.write_text(json.dumps({"pid": 1, "host": "preempted-node-7", "token": "t"}))
+    path = Path(lock_path(group_dir))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 1, "host": "preempted-node-7", "token": "t"}))
     with pytest.raises(ConfigError, match="pid 1 on host preempted-node-7"):
-        root.claim("g", group_dir)
-    past = time.time() - store.LOCK_LEASE_S - 60
-    os.utime(lock_path, (past, past))  # its driver stopped renewing it ten minutes ago
-    lock = root.claim("g", group_dir)
-    assert json.loads(lock_path.read_text())["token"] == lock.token
+        claim(root, "g", group_dir)
+    past = time.time() - locks.LOCK_LEASE_S - 60
+    os.utime(path, (past, past))  # its driver stopped renewing it ten minutes ago
+    lock = claim(root, "g", group_dir)
+    assert json.loads(path.read_text())["token"] == lock.token
 
 
 def test_keep_alive_renews_held_locks(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "LOCK_RENEW_S", 0.05)
+    monkeypatch.setattr(locks, "LOCK_RENEW_S", 0.05)
     root = _root(tmp_path)
-    lock = root.claim("g", root.path(*GROUP_DIR.split("/")))
+    lock = claim(root, "g", root.path(*GROUP_DIR.split("/")))
     past = time.time() - 3600
     os.utime(lock.path, (past, past))
-    with root.keep_alive([lock]):
+    with keep_alive(root, {"g": lock}):
         deadline = time.monotonic() + 30
         while os.stat(lock.path).st_mtime < past + 1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -123,7 +127,7 @@ def test_leftovers_of_the_group_are_removed_and_nothing_else(tmp_path):
     for name in keep[:2]:
         (parent / name).mkdir()
     (parent / keep[2]).write_text("{}")
-    assert root.remove_leftovers(str(group_dir)) == 4
+    assert LocalPublisher().remove_leftovers(root, str(group_dir)) == 4
     assert sorted(p.name for p in parent.iterdir()) == sorted(keep)
 
 
@@ -136,8 +140,9 @@ def test_claims_are_all_or_none(tmp_path, demo_selection):
     groups = []
     for sel in selections.values():
         group = make_date_group(region.name, sel.date, sel.items, region.aoi_wgs84)
-        groups.append(GroupPlan(group, root.path("demo", "run", group.id), 1, 1.0, False))
-    plan = RunPlan(region, "run", "fp", tuple(groups))
+        groups.append(GroupPlan(group, root.path("demo", "run", group.id), root.path("demo", "run", ".work", group.id),
+                                "fp", 1.0, False))
+    plan = RunPlan(region, "run", root.path("demo", "run"), tuple(groups))
     second = groups[1].out_dir.split("/")[-3:]
     holder = _holder(tmp_path / "out", "/".join(second), "time.sleep(60)")
     try:
@@ -146,7 +151,7 @@ def test_claims_are_all_or_none(tmp_path, demo_selection):
     finally:
         holder.kill()
         holder.wait()
-    assert not Path(root.lock_path(groups[0].out_dir)).exists()  # the first claim was given back
+    assert not Path(lock_path(groups[0].out_dir)).exists()  # the first claim was given back
     todo, locks = claim_todo(plan, root)  # the holder is dead now: its lock is stale
     assert [g.group.id for g in todo] == [g.group.id for g in groups] and len(locks) == 2
 
@@ -161,7 +166,9 @@ def test_output_paths_cannot_leave_the_root(tmp_path, part):
 # End to end: python -m raysam.run on the demo region (2 date groups)
 # ---------------------------------------------------------------------------------------------
 RUN_ARGS = ("region=demo", "model=demo", "sam.points_per_side=4")
-VOLATILE_KEYS = ("timings_s", "finished_at", "chips_per_s", "root", "resources")  # per-run accounting
+# Per-run accounting: timings, memory, and how the chips were split between this run and its checkpoints.
+VOLATILE_KEYS = ("timings_s", "finished_at", "chips_per_s", "root", "resources", "stage_cpu_s", "chips_segmented",
+                 "chips_resumed")
 
 
 def _command(demo_catalog, out: Path, hydra_dir: Path) -> list[str]:
@@ -180,10 +187,10 @@ def run_env():
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _start(demo_catalog, work: Path, out: Path, name: str, env: dict) -> subprocess.Popen:
+def _start(demo_catalog, work: Path, out: Path, name: str, env: dict, *extra: str) -> subprocess.Popen:
     work.mkdir(parents=True, exist_ok=True)
     log = (work / f"{name}.log").open("w")
-    return subprocess.Popen(_command(demo_catalog, out, work / f"hydra-{name}"), cwd=work, stdout=log,
+    return subprocess.Popen([*_command(demo_catalog, out, work / f"hydra-{name}"), *extra], cwd=work, stdout=log,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
 
 
@@ -269,6 +276,40 @@ def test_killed_run_resumes_to_the_same_outputs(concurrent_runs, demo_catalog, t
     assert "date group demo_20240701 is complete in" in log_text and ": skipped" in log_text
     assert "took over the stale lock" in log_text and "leftover staging" in log_text
     assert "1 date group(s) written, 1 already complete" in log_text
+    _assert_same_outputs(reference, out)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_group_resumes_chip_by_chip(concurrent_runs, demo_catalog, tmp_path, run_env):
+    """SIGKILL once half of the first date group's chips are checkpointed; the re-run segments only
+    the chips that have no checkpoint (counted by the run's stats) and writes the same outputs."""
+    from raysam.pipeline import SAM_CHIP_DELAY_ENV
+
+    reference, (rc_a, _), _ = concurrent_runs
+    assert rc_a == 0
+    out = tmp_path / "out"
+    chips_dir = lambda: next(out.glob("demo/*/.work/demo_20240701/chips"), None)  # noqa: E731
+    shards = lambda: sorted(p.name for p in chips_dir().glob("*.parquet")) if chips_dir() else []  # noqa: E731
+    killed = _start(demo_catalog, tmp_path, out, "killed", {**run_env, SAM_CHIP_DELAY_ENV: "0.5"})
+    try:
+        _wait_for(lambda: len(shards()) >= 4, killed, "half of the first date group's chips were checkpointed")
+        at_kill = len(shards())
+        os.kill(killed.pid, signal.SIGKILL)
+    finally:
+        assert _finish(killed, timeout_s=60) == -signal.SIGKILL  # the run's Ray processes die with it
+    kept = shards()
+    assert 4 <= at_kill <= len(kept) < 8, (at_kill, kept)  # chips in flight at the kill may have landed
+    assert not [p for p in _group_dirs(out) if (p / MARKER).exists()]  # nothing was published
+
+    resumed = _start(demo_catalog, tmp_path, out, "resumed", run_env)
+    rc = _finish(resumed)
+    log_text = (tmp_path / "resumed.log").read_text()
+    assert rc == 0, log_text[-3000:]
+    assert f"date group demo_20240701: resuming from {len(kept)} chip checkpoint(s)" in log_text
+    manifest = json.loads(next(out.glob("demo/*/demo_20240701/manifest.json")).read_text())
+    counts = manifest["counts"]
+    assert counts["chips_resumed"] == len(kept)
+    assert counts["chips_segmented"] == counts["chips_planned"] - len(kept) <= 8 - at_kill
     _assert_same_outputs(reference, out)
 
 

@@ -3,6 +3,8 @@ tags giving the generator's field reflectance, and the same pixels as the chip r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pyproj
@@ -16,7 +18,10 @@ from rasterio.windows import Window
 from raysam.demo import catalog
 from raysam.grid import make_date_group, plan_chip_tasks
 from raysam.read import ChipPixels, ScalingSpec, read_band_dn, read_chip, reflectance, to_uint8
-from raysam.sinks.s2 import write_s2_rasters
+from raysam.layout import GroupSpec
+from raysam.sinks.quicklook import QuicklookFrame
+from raysam.sinks.s2 import band_mosaic_xml, write_s2_tile
+from raysam.storage.root import OutputRoot
 
 BANDS = ("R", "G", "B", "SCL")
 STRETCH_0_02 = ScalingSpec(mode="stretch", low=(0.0,) * 3, high=(0.2,) * 3)  # 0.00078 per level
@@ -34,11 +39,18 @@ def demo_group(demo_selection):
 
 @pytest.fixture(scope="module")
 def s2_dir(demo_group, tmp_path_factory):
+    """The s2 tiles of every sink tile and one mosaic (VRT) per band, as the back half writes them."""
     group, _, _ = demo_group
-    out = tmp_path_factory.mktemp("s2")
-    paths = write_s2_rasters(group, BANDS, out)
-    assert [p.name for p in paths] == ["B04.tif", "B03.tif", "B02.tif", "SCL.tif"]
-    return out
+    root = OutputRoot.open(str(tmp_path_factory.mktemp("s2")))
+    spec = GroupSpec(group, root, "fp", root.path("g"), root.path("g"), root.path(".work"), BANDS, 0.5)
+    tiles = spec.tiling.tiles_in(group.grid, group.aoi_utm)
+    assert len(tiles) == 2  # the demo grid is 2365 x 1193 px
+    frame = QuicklookFrame(group.grid.height, group.grid.width)
+    written = [write_s2_tile(spec, tile, BANDS, frame) for tile in tiles]
+    out = root.storage
+    for band in ("B04", "B03", "B02", "SCL"):
+        out.put_bytes(root.path("g", "s2", f"{band}.vrt"), band_mosaic_xml(group.grid, band, written).encode())
+    return Path(root.path("g", "s2"))
 
 
 def _to(epsg: int, geom):
@@ -47,28 +59,33 @@ def _to(epsg: int, geom):
                              lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
 
 
-def test_one_valid_cog_per_band_on_the_target_grid(demo_group, s2_dir):
+def test_one_valid_cog_per_band_and_tile_mosaicked_on_the_target_grid(demo_group, s2_dir):
     group, _, _ = demo_group
     for name in ("B04", "B03", "B02", "SCL"):
-        with rasterio.open(s2_dir / f"{name}.tif") as src:
-            assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
-            assert src.overviews(1), f"{name}: no overviews"
+        tiles = sorted((s2_dir / name).glob("*.tif"))
+        assert [t.name for t in tiles] == ["000_000.tif", "000_001.tif"]
+        for tile in tiles:
+            with rasterio.open(tile) as src:
+                assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+                assert src.overviews(1), f"{tile}: no overviews"
+                assert src.descriptions == (name,)
+        with rasterio.open(s2_dir / f"{name}.vrt") as src:  # the mosaic: one raster on the grid
             assert src.dtypes[0] == "uint16" and src.nodata == 0 and src.count == 1
             assert src.crs.to_epsg() == group.grid.epsg == 32616
             assert tuple(src.transform)[:6] == group.grid.transform
             assert (src.width, src.height) == (group.grid.width, group.grid.height)
             assert src.descriptions == (name,)
-    assert not list(s2_dir.glob(".*"))  # no temporary files left
+    assert not list(s2_dir.rglob(".*"))  # no temporary files left
 
 
 def test_scale_offset_tags_and_nodata_outside_the_aoi(demo_group, s2_dir):
     group, _, _ = demo_group
-    with rasterio.open(s2_dir / "B04.tif") as src:
+    with rasterio.open(s2_dir / "B04.vrt") as src:
         assert src.scales == (pytest.approx(1e-4),)
         # Baseline 05.10: reflectance = (DN - 1000) * 1e-4 = DN * 1e-4 - 0.1.
         assert src.offsets == (pytest.approx(-catalog.BOA_ADD_OFFSET_DN * 1e-4),)
         dn = src.read(1)
-    with rasterio.open(s2_dir / "SCL.tif") as src:
+    with rasterio.open(s2_dir / "SCL.vrt") as src:
         assert src.scales == (1.0,) and src.offsets == (0.0,)
         scl = src.read(1)
     in_aoi = geometry_mask([group.aoi_utm], dn.shape, Affine(*group.grid.transform), invert=True)
@@ -86,7 +103,7 @@ def test_tagged_reflectance_is_the_known_field_reflectance(demo_group, s2_dir):
     field_utm = _to(group.grid.epsg, field).buffer(-20)
     refl = []
     for name in ("B04", "B03", "B02"):
-        with rasterio.open(s2_dir / f"{name}.tif") as src:
+        with rasterio.open(s2_dir / f"{name}.vrt") as src:
             win = rasterio.windows.from_bounds(*field_utm.bounds, transform=src.transform)
             win = win.round_offsets().round_lengths()
             dn = src.read(1, window=win).astype(float)
@@ -119,7 +136,7 @@ def test_pixels_match_the_chip_reads(demo_group, s2_dir):
     col_off, row_off, width, height = task.window_px
     layers, dns = [], []
     for i, name in enumerate(("B04", "B03", "B02")):
-        with rasterio.open(s2_dir / f"{name}.tif") as src:
+        with rasterio.open(s2_dir / f"{name}.vrt") as src:
             dn = src.read(1, window=Window(col_off, row_off, width, height), boundless=True,
                           fill_value=0)
             dns.append(dn)

@@ -1,0 +1,64 @@
+"""The driver's queue of back-half Ray tasks: a bounded number at once, earliest date group first.
+
+Date groups finish one after another, so a group's merge and sinks run ahead of the next group's
+Sentinel-2 tiles: tasks are started in priority order (``(group index, stage)``), at most
+``limit`` at a time (``ray.sink_tasks``). Results come back to a callback on the driver; they are
+small (counts, windows, a few ids), never pixels or records.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+
+class TaskQueue:
+    """Ray tasks waiting to start, and those running, with their completion callbacks."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self._waiting: list[tuple[tuple, int, Callable[[], Any], Callable[[Any], None]]] = []
+        self._running: dict[Any, Callable[[Any], None]] = {}
+        self._seq = itertools.count()
+
+    def submit(self, priority: tuple, start: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
+        """Queue a task: ``start()`` submits it (returns its ObjectRef); ``on_done(result)`` gets its value."""
+        heapq.heappush(self._waiting, (priority, next(self._seq), start, on_done))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def poll(self, timeout_s: float) -> int:
+        """Start what fits, wait up to ``timeout_s`` for results and hand them to their callbacks.
+
+        Returns:
+            How many tasks finished. A task's exception is raised here.
+        """
+        while self._waiting and len(self._running) < self.limit:
+            _, _, start, on_done = heapq.heappop(self._waiting)
+            self._running[start()] = on_done
+        if not self._running:
+            return 0
+        refs = list(self._running)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:  # whatever else is done by now too
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            on_done = self._running.pop(ref)
+            on_done(ray.get(ref))
+        return len(ready)
+
+    def cancel(self) -> None:
+        """Drop waiting tasks and cancel running ones (a failed or interrupted run)."""
+        self._waiting.clear()
+        for ref in list(self._running):
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - best effort while failing anyway
+                pass
+        self._running.clear()

@@ -1,0 +1,88 @@
+"""Thin Ray wrappers of the back half's plain functions: one remote function per kind of task.
+
+Each calls its function (which tests call without Ray) and reports the process's peak memory to
+the run's :class:`~raysam.runstats.RunStats` under its role. Lost workers and nodes are retried
+without limit (``max_retries=-1``, system failures only); an exception raised by our code fails
+the run at once with its own one line, as in the front half (:func:`raysam.pipeline.configure_retries`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import ray
+
+from raysam.runstats import report_peak
+
+_REMOTE = {"max_retries": -1, "retry_exceptions": False}
+
+
+@functools.lru_cache(maxsize=4)
+def worker_signer(stac_cfg: Any) -> Any:
+    """One href signer per worker process, so signed tokens are reused across reads."""
+    from raysam.stac import make_href_signer
+
+    return make_href_signer(stac_cfg)
+
+
+@ray.remote(**_REMOTE)
+def group_scaling(cfg: Any, group: Any) -> Any:
+    """The date group's RGB scaling (:func:`raysam.driver.group_scaling`), computed on a worker."""
+    from raysam.driver import group_scaling as compute
+
+    out = compute(cfg, group, worker_signer(cfg.stac))
+    report_peak("plan")
+    return out
+
+
+@ray.remote(**_REMOTE)
+def merge_cell(spec: Any, cell: tuple[int, int], params: Any) -> Any:
+    """:func:`raysam.cells.merge_one_cell`."""
+    from raysam.cells import merge_one_cell
+
+    out = merge_one_cell(spec, cell, params)
+    report_peak("merge")
+    return out
+
+
+@ray.remote(**_REMOTE)
+def resolve_group(spec: Any, pending_uids: tuple[str, ...], params: Any) -> tuple[str, ...]:
+    """:func:`raysam.cells.resolve_group`."""
+    from raysam.cells import resolve_group as resolve
+
+    out = resolve(spec, pending_uids, params)
+    report_peak("merge")
+    return out
+
+
+@ray.remote(**_REMOTE)
+def write_cell(spec: Any, cell: tuple[int, int], first_ids: dict, resolved_kept: frozenset, datetime_utc: Any,
+               tiles: tuple, frame: Any) -> Any:
+    """:func:`raysam.sinks.cell.write_cell_outputs`."""
+    from raysam.sinks.cell import write_cell_outputs
+
+    out = write_cell_outputs(spec, cell, first_ids, resolved_kept, datetime_utc, tiles, frame)
+    report_peak("sink")
+    return out
+
+
+@ray.remote(**_REMOTE)
+def write_s2_tile(spec: Any, tile: tuple[int, int], bands: tuple[str, ...], frame: Any, stac_cfg: Any,
+                  network: Any) -> Any:
+    """:func:`raysam.sinks.s2.write_s2_tile`."""
+    from raysam.sinks.s2 import write_s2_tile as write
+
+    out = write(spec, tile, bands, frame, worker_signer(stac_cfg), network)
+    report_peak("sink")
+    return out
+
+
+@ray.remote(**_REMOTE)
+def finalize(kind: str, spec: Any, *args: Any) -> float:
+    """One of :mod:`raysam.sinks.finalize`'s writers (``single_cog``, ``single_parquet``, ``write_quicklook``)."""
+    from raysam.sinks import finalize as writers
+
+    out = getattr(writers, kind)(spec, *args)
+    report_peak("sink")
+    return out
