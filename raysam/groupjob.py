@@ -275,9 +275,9 @@ class GroupJob:
         marker = {"fingerprint": self.spec.fingerprint, "masks": self.progress.masks,
                   "finished_at": manifest["finished_at"]}
         self.publisher.publish(root, self.spec.write_dir, self.spec.out_dir, marker)
-        root.storage.delete_tree(self.spec.work_dir)
         self.stage = Stage.PUBLISHED
-        self.on_published(manifest)
+        self.on_published(manifest)  # releases the lock
+        root.storage.delete_tree(self.spec.work_dir)  # a crash before this is tidied by the next run
 
     def _manifest(self, counts: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
         """The group's manifest.json: run-level base, the group, its counts and its own timings."""

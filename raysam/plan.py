@@ -29,7 +29,8 @@ from raysam import checkpoint
 from raysam.config import RunConfig, check_path_component
 from raysam.grid import ChipTask, DateGroup, make_date_group, plan_chip_tasks
 from raysam.region import Region
-from raysam.storage.locks import GroupLock, claim, release, release_all
+from raysam.errors import ConfigError
+from raysam.storage.locks import GroupLock, claim, lock_path, release, release_all
 from raysam.storage.publish import publisher_for
 from raysam.storage.root import OutputRoot
 
@@ -169,6 +170,7 @@ def claim_todo(plan: RunPlan, root: OutputRoot, overwrite: bool = False
     except BaseException:
         release_all(root, locks)
         raise
+    tidy_complete(plan, root)
     todo = []
     publisher = publisher_for(root)
     for g in plan.todo:
@@ -186,6 +188,25 @@ def claim_todo(plan: RunPlan, root: OutputRoot, overwrite: bool = False
             log.info("date group %s: resuming from %d chip checkpoint(s)", g.group.id, done)
         todo.append(replace(g, chips_checkpointed=done))
     return tuple(todo), locks
+
+
+def tidy_complete(plan: RunPlan, root: OutputRoot) -> None:
+    """Remove what a run killed right after publishing left of complete groups: its lock, work
+    directory or replaced outputs. A group whose lock a live run holds is left alone."""
+    publisher = publisher_for(root)
+    for g in plan.groups:
+        if not g.complete or not (root.storage.exists(lock_path(g.out_dir)) or root.storage.exists(g.work_dir)):
+            continue
+        try:
+            lock = claim(root, g.group.id, g.out_dir)
+        except ConfigError:
+            continue
+        try:
+            root.storage.delete_tree(g.work_dir)
+            publisher.remove_leftovers(root, g.out_dir)
+            log.info("date group %s: tidied what an interrupted run left of it", g.group.id)
+        finally:
+            release(root, lock)
 
 
 def iter_chip_tasks(cfg: RunConfig, group: DateGroup) -> Iterator[ChipTask]:

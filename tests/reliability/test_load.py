@@ -9,9 +9,9 @@ region grows 13x. Both fit in one merge cell (4 chips and a 1-chip halo: 6,144 p
 merge holds all of a region's masks at once, 13x more for the large one: harsher on the
 merge than a real region at overlap 0.5, whose cells see at most ~150 chips. The peak memory of the
 driver and the peak private memory of every process that ran our code (chip reads, SAM
-actors, merge) must not grow with it (< 1.5x). Private, because a worker's peak RSS also
+actors, merge, sinks) must not grow with it (< 1.5x). Private, because a worker's peak RSS also
 counts the pages of Ray's shared object store it has written into, which grow with the
-number of objects it wrote until they reach the store's size (raysam.pipeline.memory_mb).
+number of objects it wrote until they reach the store's size (raysam.runstats.memory_mb).
 A worker's private memory saws up and down by ~100 MB from chip to chip (sampled once per
 chip, watched from outside: it plateaus within the first hundred or so chips), so the small
 region has enough chips to see its highs. The
@@ -38,7 +38,7 @@ LARGE_AOI = "-90.04,41.758,-89.812,41.922"  # 2,160 chips
 MIN_LARGE_CHIPS = 2000
 MIN_CHIP_RATIO = 10
 MAX_MEMORY_RATIO = 1.5
-ROLES = ("read", "sam", "merge")
+ROLES = ("read", "sam", "merge", "sink")
 
 
 def _run(demo_catalog, out: Path, aoi: str) -> tuple[dict, float]:
@@ -71,12 +71,12 @@ def runs(demo_catalog, tmp_path_factory):
 
 def test_large_region_completes_with_every_chip(runs):
     small, large = runs["small"][0]["counts"], runs["large"][0]["counts"]
-    assert large["chips_read"] + large["chips_skipped"] >= MIN_LARGE_CHIPS
-    assert large["chips_read"] >= MIN_CHIP_RATIO * small["chips_read"]
+    assert large["chips_segmented"] + large["chips_skipped"] >= MIN_LARGE_CHIPS
+    assert large["chips_segmented"] >= MIN_CHIP_RATIO * small["chips_segmented"]
     assert large["masks_after_merge"] > 0
     for name, (manifest, wall_s) in runs.items():
         counts = manifest["counts"]
-        print(f"{name}: {counts['chips_read']} chips read, {counts['chips_skipped']} skipped, "
+        print(f"{name}: {counts['chips_segmented']} chips segmented, {counts['chips_skipped']} skipped, "
               f"{counts['masks_before_merge']} -> {counts['masks_after_merge']} masks, {wall_s:.0f} s, "
               f"peak private MB {_figures(manifest)}, peak RSS MB (object-store pages included) "
               f"{counts['resources']['peak_rss_mb']}, object store {counts['resources']['object_store']}")
@@ -90,7 +90,7 @@ def test_every_process_peak_memory_is_in_the_manifest(runs):
         for proc in resources["processes"]:
             assert proc["pid"] > 0 and proc["node_id"] and proc["roles"]
             assert 50 < proc["peak_private_mb"] <= proc["peak_rss_mb"] < 8000  # Python with numpy and Ray, MB
-        assert manifest["driver_peak_rss_mb"] > 50
+        assert resources["peak_rss_mb"]["driver"] > 50
         # Chip reads are CPU tasks apart from the SAM actors (not fused into them).
         assert not [p for p in resources["processes"] if {"read", "sam"} <= set(p["roles"])]
 
@@ -113,7 +113,7 @@ def test_spilled_bytes_are_measured_when_the_object_store_overflows(gpu_cluster)
     import numpy as np
     import ray
 
-    from raysam.pipeline import RunStats
+    from raysam.runstats import RunStats
 
     stats = RunStats.remote()
     before = ray.get(stats.resources.remote())["object_store"]

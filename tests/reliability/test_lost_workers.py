@@ -24,7 +24,8 @@ import ray
 
 from raysam.config import RayConfig
 from raysam.errors import DataError
-from raysam.pipeline import STATS_ACTOR, configure_retries
+from raysam.pipeline import configure_retries
+from raysam.runstats import STATS_ACTOR
 from raysam.run import run
 from tests.reliability.conftest import demo_config, wait_for
 
@@ -43,7 +44,7 @@ def _published(root: Path) -> dict[str, Path]:
 
 
 def assert_same_outputs(expected_root: Path, actual_root: Path) -> None:
-    """Same set of files; same masks.parquet rows (geometry WKB and attributes); same label pixels."""
+    """Same set of files; same polygon rows (geometry WKB and attributes); same label pixels."""
     expected, actual = _published(expected_root), _published(actual_root)
     assert sorted(actual) == sorted(expected)
     parquets = [k for k in expected if k.endswith("masks.parquet")]
@@ -52,7 +53,9 @@ def assert_same_outputs(expected_root: Path, actual_root: Path) -> None:
         want, got = pq.read_table(expected[key]), pq.read_table(actual[key])
         assert got.num_rows == want.num_rows > 0
         assert got.equals(want), f"{key}: rows differ"
-    for key in (k for k in expected if k.endswith("labels.tif")):
+    for key in (k for k in expected if k.endswith(".parquet") and "/masks/" in k):
+        assert pq.read_table(actual[key]).equals(pq.read_table(expected[key])), f"{key}: rows differ"
+    for key in (k for k in expected if k.endswith(".tif") and "labels" in k):
         with rasterio.open(expected[key]) as a, rasterio.open(actual[key]) as b:
             assert (a.crs, a.transform, a.shape) == (b.crs, b.transform, b.shape)
             np.testing.assert_array_equal(a.read(1), b.read(1))
@@ -133,7 +136,7 @@ def test_worker_node_lost_mid_run_gives_the_same_masks(gpu_cluster, undisturbed,
     metrics = runner.result()
 
     assert FAULT_AFTER_CHIPS <= done_at_loss < DEMO_CHIPS, "the node was not lost mid-run"
-    assert metrics["groups_done"] == 2 and metrics["chips_read"] == DEMO_CHIPS
+    assert metrics["groups_done"] == 2 and metrics["chips_segmented"] == DEMO_CHIPS
     resources = _manifest_resources(root)
     load_nodes = {p["node_id"] for p in resources["processes"] if "sam" in p["roles"]}
     assert fresh.node_id in load_nodes and resources["sam_model_loads"] == 2  # restarted on the fresh node
@@ -151,7 +154,7 @@ def test_killed_sam_actor_restarts_reloads_once_and_changes_nothing(gpu_cluster,
     metrics = runner.result()
 
     assert FAULT_AFTER_CHIPS <= done_at_kill < DEMO_CHIPS, "the actor was not killed mid-run"
-    assert metrics["groups_done"] == 2 and metrics["chips_read"] == DEMO_CHIPS
+    assert metrics["groups_done"] == 2 and metrics["chips_segmented"] == DEMO_CHIPS
     resources = _manifest_resources(root)
     assert resources["sam_model_loads"] == 2  # the original load and exactly one reload
     sam_pids = [p["pid"] for p in resources["processes"] if "sam" in p["roles"]]
@@ -205,13 +208,16 @@ def test_pipeline_passes_no_deprecated_ray_remote_args(gpu_cluster, demo_catalog
     import warnings
 
     from raysam.driver import prepare
-    from raysam.pipeline import model_source_for, sam_dataset
+    from raysam.layout import GroupSpec
+    from raysam.pipeline import chip_dataset, model_source_for
+    from raysam.plan import chip_bands
 
     cfg = _config(demo_catalog, tmp_path / "out", "ray.read_concurrency=2")
     prepared = prepare(cfg)
-    groups = {g.group.id: g.group for g in prepared.plan.groups}
+    specs = {g.group.id: GroupSpec(g.group, prepared.root, g.fingerprint, g.out_dir, g.out_dir, g.work_dir,
+                                   chip_bands(cfg), cfg.chip.spatial_overlap) for g in prepared.plan.groups}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sam_dataset(groups, cfg, {}, model_source_for(cfg, prepared.model_dir))  # lazy: builds the plan only
+        chip_dataset(specs, cfg, {}, model_source_for(cfg, prepared.model_dir), dict.fromkeys(specs, False))  # lazy
     deprecations = [str(w.message) for w in caught if "Deprecat" in w.category.__name__]
     assert not deprecations
