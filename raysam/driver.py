@@ -180,6 +180,14 @@ def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
             return RunController(cfg, prepared, todo, locks).run()
     finally:
         release_all(prepared.root, locks)
+        remove_empty_dirs(prepared.root, prepared.plan)
+
+
+def remove_empty_dirs(root: OutputRoot, plan: RunPlan) -> None:
+    """Remove the work, collection and region directories if the run left them empty."""
+    collection = plan.collection_dir
+    for path in (f"{collection}/{WORK_DIR}", collection, collection.rsplit("/", 1)[0]):
+        root.storage.delete_empty_dir(path)
 
 
 class ChipStream(threading.Thread):
@@ -257,11 +265,12 @@ class RunController:
             stream.start()
             jobs[0].activate()
             self._watch(jobs, stream, stats, queue)
-            root.storage.delete_empty_dir(f"{self.prepared.plan.collection_dir}/{WORK_DIR}")
         except BaseException:
             queue.cancel()
-            for job in jobs:
-                job.abort()
+            kept = sum(job.abort() for job in jobs)
+            if kept:
+                log.warning("the run stopped; %d chip checkpoint(s) are kept in %s/%s for the next run",
+                            kept, self.prepared.plan.collection_dir, WORK_DIR)
             raise
         finally:
             ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh

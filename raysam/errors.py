@@ -60,8 +60,8 @@ def user_error_in(err: BaseException) -> RaysamError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RaysamError):
-            return e
+        if isinstance(e, RaysamError) and getattr(e, "cause", None) is None:
+            return e  # ours, not Ray's wrapper of it (RayTaskError(DataError) is a DataError too)
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     match = _REMOTE_ERROR_RE.search(str(err))
     if match:

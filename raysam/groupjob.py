@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time as dtime
 from typing import Any
 
-from raysam import tasks
+from raysam import checkpoint, tasks
 from raysam.cells import CellMerged, IdPlan, id_offsets
 from raysam.config import RunConfig
 from raysam.grid import chip_rows
@@ -299,7 +299,17 @@ class GroupJob:
             "finished_at": datetime.now(UTC).isoformat(),
         }
 
-    def abort(self) -> None:
-        """Drop what this unfinished group wrote (its checkpoints stay for the next run)."""
-        if self.stage is not Stage.PUBLISHED:
-            self.publisher.abort(self.spec.root, self.spec.write_dir)
+    def abort(self) -> int:
+        """Drop what this unfinished group wrote; its chip checkpoints stay for the next run.
+
+        Returns:
+            How many chip checkpoints were kept (a work directory without any is removed).
+        """
+        if self.stage is Stage.PUBLISHED:
+            return 0
+        root = self.spec.root
+        self.publisher.abort(root, self.spec.write_dir)
+        kept = checkpoint.count_shards(root, self.spec.work_dir)
+        if not kept:
+            root.storage.delete_tree(self.spec.work_dir)
+        return kept

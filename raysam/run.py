@@ -143,10 +143,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         return {"dry_run": True, "groups": len(prepared.plan.groups)}
     try:
         metrics = execute(cfg, prepared)
-    except RaysamError:
-        raise
     except Exception as err:  # Ray wraps errors from tasks and actors: show ours, not its report
         if (user := user_error_in(err)) is None:
+            raise
+        if user is err:
             raise
         raise user from err
     metrics["wall_s"] = time.perf_counter() - t0

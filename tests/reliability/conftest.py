@@ -29,7 +29,7 @@ def demo_config(demo_catalog, out_root: Path, *overrides: str) -> RunConfig:
     """A validated RunConfig for the demo region and demo model on the session's catalog."""
     base = [
         "region=demo", "model=demo", f"stac.demo_root={demo_catalog.root.parent}",
-        f"model.path={demo_catalog.root.parent / 'models' / 'demo'}", f"output.root={out_root}",
+        f"model.path={demo_catalog.root.parent / 'models' / 'demo'}", f"output.root='{out_root}'",
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_run_config(compose("config", overrides=[*base, *overrides]))
