@@ -103,7 +103,7 @@ class OutputSchema:
 
 @dataclass
 class NetworkSchema:
-    """COG reads over HTTP: see :class:`raysam.read.NetworkPolicy` (GDAL_HTTP_* env vars win)."""
+    """COG reads over HTTP: see :class:`raysam.remote_io.NetworkPolicy` (GDAL_HTTP_* env vars win)."""
 
     timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
@@ -268,7 +268,7 @@ class RunConfig:
     merge: MergeConfig
     ray: RayConfig
     output: OutputConfig
-    network: Any = None  # raysam.read.NetworkPolicy (None: its defaults)
+    network: Any = None  # raysam.remote_io.NetworkPolicy (None: its defaults)
     dry_run: bool = False
     device: str = "auto"
     verbose: bool = False
@@ -292,7 +292,7 @@ def to_run_config(cfg: Any) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from raysam.read import NetworkPolicy
+    from raysam.remote_io import NetworkPolicy
     from raysam.region import RegionSpec
     from raysam.sam.contract import MODEL_TYPES
     from raysam.sam.params import AmgParams

@@ -155,7 +155,7 @@ def manifest_base(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
 
 def _scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
     """The date group's RGB scaling: computed once per group, never per chip."""
-    from raysam.read import ScalingSpec, compute_stretch
+    from raysam.scaling import ScalingSpec, compute_stretch
 
     base = ScalingSpec(mode="reflectance", band_names=cfg.chip.band_names,
                        band_scaling=cfg.chip.band_scaling, band_offset=cfg.chip.band_offset)

@@ -42,7 +42,7 @@ class GroupSinkSpec:
     run_key: str
     manifest_base: dict = field(default_factory=dict)
     signer: Any = None  # signs asset hrefs for the s2_raster reads (raysam.stac.make_href_signer)
-    network: Any = None  # raysam.read.NetworkPolicy for those reads (None: its defaults)
+    network: Any = None  # raysam.remote_io.NetworkPolicy for those reads (None: its defaults)
 
 
 class GroupWriter:

@@ -22,7 +22,8 @@ from rasterio.windows import Window
 
 from raysam.grid import ChipTask, DateGroup, plan_chip_tasks
 from raysam.items import REFLECTANCE_SCALE, canonical_band
-from raysam.read import SCL, NetworkPolicy, Signer, aoi_mask, gdal_env_options, read_band_dn
+from raysam.read import SCL, aoi_mask, read_band_dn
+from raysam.remote_io import NetworkPolicy, Signer, gdal_env_options
 
 TILE_PX = 2048  # window read per step; a multiple of the COG block size
 BLOCK = 512  # COG block side (GDAL's COG default)

@@ -15,7 +15,8 @@ from rasterio.windows import Window
 
 from raysam.demo import catalog
 from raysam.grid import make_date_group, plan_chip_tasks
-from raysam.read import ChipPixels, ScalingSpec, read_band_dn, read_chip, reflectance, to_uint8
+from raysam.read import ChipPixels, read_band_dn, read_chip
+from raysam.scaling import ScalingSpec, reflectance, to_uint8
 from raysam.sinks.s2 import write_s2_rasters
 
 BANDS = ("R", "G", "B", "SCL")
