@@ -28,7 +28,8 @@ import numpy as np
 import ray
 
 from raysam import records
-from raysam.config import MergeConfig, RayConfig, RunConfig
+from raysam.config import RayConfig, RunConfig
+from raysam.merge import MergeParams
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def _report_peak(role: str) -> None:
     ray.get(stats.process_peak.remote(*_process_info(role)))
 
 
-def merged_records(mask_records: ray.data.Dataset, merge: MergeConfig, grids: dict[str, records.GridInfo]) -> ray.data.Dataset:
+def merged_records(mask_records: ray.data.Dataset, merge: MergeParams, grids: dict[str, records.GridInfo]) -> ray.data.Dataset:
     """The spatial reduce: replicate records into merge cells, merge each cell, sort by group and uid.
 
     Rows come back with ``status`` ``kept`` or ``unresolved`` (see :func:`resolve_unresolved`).
@@ -430,7 +431,7 @@ def merged_records(mask_records: ray.data.Dataset, merge: MergeConfig, grids: di
     return ds.sort(["date_group_id", "uid"])
 
 
-def resolve_unresolved(mask_records: ray.data.Dataset, group_id: str, pending_uids: list[str], merge: MergeConfig,
+def resolve_unresolved(mask_records: ray.data.Dataset, group_id: str, pending_uids: list[str], merge: MergeParams,
                        grid: records.GridInfo) -> set[str]:
     """Which of a date group's ``unresolved`` records the merge keeps (rare: long link chains).
 

@@ -44,7 +44,7 @@ from raysam.scaling import ScalingSpec, band_scale, reflectance, to_uint8
 # SCL classes (Sentinel-2 L2A product spec): 3 cloud shadow, 8 cloud medium probability,
 # 9 cloud high probability, 10 thin cirrus.
 DEFAULT_CLOUD_CLASSES = (3, 8, 9, 10)
-DEFAULT_MAX_CLOUD_FRACTION = 0.8  # raysam.config.ChipConfig.max_cloud_fraction default
+DEFAULT_MAX_CLOUD_FRACTION = 0.8  # skip chips cloudier than this (of valid pixels); sam.max_cloud_fraction
 SCL = "SCL"
 ALIGN_TOL_PX = 1e-6  # grid offsets within this many pixels of an integer count as aligned
 # Warps must not depend on the chip window, or overlapping chips (and the s2_raster sink's

@@ -19,8 +19,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from raysam.config import PC_KEY_ENV, RunConfig, to_run_config
+from raysam.config import PC_KEY_ENV, RunConfig
 from raysam.errors import RaysamError, user_error_in
+from raysam.hydra_config import to_run_config
 
 log = logging.getLogger("raysam")
 
@@ -62,9 +63,9 @@ def hide_secret_overrides(argv: list[str]) -> list[str]:
     """Move a key given on the command line into the environment before Hydra sees it.
 
     ``stac.pc_key=KEY`` (or the seed's ``pc_key=KEY``) becomes ``PC_SDK_SUBSCRIPTION_KEY`` in
-    this process's environment, and the override is dropped: the config reads the variable
-    through ``${oc.env:...}``, so neither ``--cfg job``, Hydra's saved ``.hydra/`` files nor
-    ``multirun.yaml`` ever hold the key.
+    this process's environment, and the override is dropped: the run reads the variable
+    (:func:`raysam.config.from_tree`), so neither ``--cfg job``, Hydra's saved ``.hydra/``
+    files nor ``multirun.yaml`` ever hold the key.
     """
     import os
 

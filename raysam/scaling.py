@@ -51,9 +51,9 @@ class ScalingSpec:
 
     def __post_init__(self) -> None:
         if self.mode not in ("reflectance", "stretch"):
-            raise ConfigError(f"scaling mode {self.mode!r} is unknown; use reflectance or stretch")
+            raise ConfigError(f"mode={self.mode!r}: use reflectance or stretch")
         if len(self.band_names) != 3:
-            raise ConfigError(f"band_names {list(self.band_names)} must name 3 bands (R, G, B)")
+            raise ConfigError(f"band_names={list(self.band_names)}: give exactly 3 bands (R, G, B)")
         for name in ("band_scaling", "band_offset", "low", "high"):
             values = getattr(self, name)
             if values is not None and len(values) != 3:

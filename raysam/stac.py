@@ -42,6 +42,9 @@ OFFSET_START_UTC = datetime(2022, 1, 25, tzinfo=timezone.utc)
 BOA_ADD_OFFSET_DN = -1000.0
 RETRY_STATUS = (429, 500, 502, 503, 504)  # transient HTTP answers worth retrying
 BLOB_DOMAIN = ".blob.core.windows.net"  # planetary_computer.sas.BLOB_STORAGE_DOMAIN
+# A date is used when its tiles cover this share of the AOI (FarmVibes' select_necessary_coverage_items
+# asks 0.99; 0.95 leaves room for footprints simplified at the AOI's edge).
+DEFAULT_MIN_TILE_COVER = 0.95
 
 
 @dataclass(frozen=True)
@@ -484,7 +487,7 @@ def _select_group(key: tuple[date, int | None], items: list[ParsedItem], aoi_m: 
     return DateSelection(key[0], tuple(picked), cover, orbits, cloud)
 
 
-def select_per_date(items: Iterable[ParsedItem], aoi_wgs84: shapely.Geometry, min_tile_cover: float = 0.95,
+def select_per_date(items: Iterable[ParsedItem], aoi_wgs84: shapely.Geometry, min_tile_cover: float = DEFAULT_MIN_TILE_COVER,
                     max_tiles_per_date: int | None = None, max_cloud_cover: float | None = None,
                     split_by_orbit: bool = False) -> list[DateSelection]:
     """Per UTC acquisition date, the fewest items covering the AOI (FarmVibes' coverage selection).

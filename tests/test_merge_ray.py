@@ -8,8 +8,7 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
-from raysam.config import MergeConfig
-from raysam.merge import MaskTable, merge_masks
+from raysam.merge import MaskTable, MergeParams, merge_masks
 from raysam.pipeline import merged_records, resolve_unresolved
 from raysam.records import GridInfo, pack_crop
 from tests.test_merge import chain_records, make_scene, single_chip_table
@@ -58,7 +57,7 @@ def test_ray_grouped_merge_equals_global_merge_per_date_group(ray_local, iou_mod
     rows = [r for gid, (table, _) in groups.items() for r in _rows(gid, table)]
     grids = {gid: GridInfo((10.0, 0.0, 0.0, 0.0, -10.0, 0.0), 32615, hw[0], hw[1], chip_px=CHIP_PX)
              for gid, (_, hw) in groups.items()}
-    merge = MergeConfig(mask_nms_thr=0.5, iou_mode=iou_mode)
+    merge = MergeParams(mask_nms_thr=0.5, iou_mode=iou_mode)
     records_ds = ray.data.from_items(rows, override_num_blocks=8).materialize()
     table = pa.concat_tables(ray.get(merged_records(records_ds, merge, grids).to_arrow_refs()))
     pending = table.filter(pc.equal(table.column("status"), "unresolved"))

@@ -17,7 +17,7 @@ import rasterio
 import shapely
 from hydra import compose, initialize_config_dir
 
-from raysam.config import to_run_config
+from raysam.hydra_config import to_run_config
 from raysam.errors import ConfigError
 from raysam.run import CONF_DIR, run
 
