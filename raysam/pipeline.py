@@ -357,6 +357,7 @@ def sam_dataset(groups: dict, cfg: RunConfig, scaling: dict, model_source: recor
 
     from raysam.grid import chip_rows
     from raysam.plan import chip_bands
+    from raysam.stac import signer_spec
 
     overlap = cfg.chip.spatial_overlap
     rows = [{"date_group_id": gid, "chip_row": r} for gid, g in groups.items() for r in range(chip_rows(g.grid, spatial_overlap=overlap))]
@@ -369,7 +370,7 @@ def sam_dataset(groups: dict, cfg: RunConfig, scaling: dict, model_source: recor
         read_stage,
         batch_size=1,
         num_cpus=cfg.ray.read_cpus,
-        fn_kwargs={"scaling": scaling, "signer_cfg": cfg.stac, "max_cloud_fraction": cfg.chip.max_cloud_fraction,
+        fn_kwargs={"scaling": scaling, "signer_cfg": signer_spec(cfg.stac), "max_cloud_fraction": cfg.chip.max_cloud_fraction,
                    "network": cfg.network},
         memory=READ_TASK_MEMORY_BYTES,
         compute=ray.data.TaskPoolStrategy(size=cfg.ray.read_concurrency),

@@ -8,6 +8,7 @@ on stderr and exit code 2 (``verbose=true`` shows the stack trace).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -39,8 +40,6 @@ class RedactSecrets(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        import os
-
         secrets = [s for s in (config.get("stac", {}).get("pc_key"), os.environ.get(PC_KEY_ENV)) if s]
         if not secrets:
             return
@@ -67,8 +66,6 @@ def hide_secret_overrides(argv: list[str]) -> list[str]:
     (:func:`raysam.config.from_tree`), so neither ``--cfg job``, Hydra's saved ``.hydra/``
     files nor ``multirun.yaml`` ever hold the key.
     """
-    import os
-
     kept = []
     for arg in argv:
         prefix = next((p for p in SECRET_OVERRIDES if arg.startswith(p)), None)
@@ -137,6 +134,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """
     from raysam.driver import execute, prepare
 
+    if cfg.stac.pc_key:  # Ray workers sign hrefs with the key of their environment, inherited from here
+        os.environ[PC_KEY_ENV] = cfg.stac.pc_key
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     if cfg.dry_run:
