@@ -140,8 +140,21 @@ def test_rerun_skips_complete_groups_and_changes_nothing(demo_run, demo_catalog)
     [("sam.spatial_overlap=1.5", "spatial_overlap"), ("sam.mask_nms_thr=0", "mask_nms_thr"),
      ("region.time_range=[2024-07-14,2024-06-28]", "time"), ("region.name=../../etc", "safe name")],
 )
-def test_bad_config_fails_fast_and_writes_nothing(tmp_path, demo_catalog, override, message):
+def test_bad_config_is_refused_while_validating(tmp_path, demo_catalog, override, message):
     with pytest.raises(ConfigError, match=message):
-        cfg = run_config(tmp_path / "out", demo_catalog, override)
+        run_config(tmp_path / "out", demo_catalog, override)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("region.geometry='-89.86,41.79,-90.14,41.89'", "is empty or reversed"),  # load_region, first
+     ("region.geometry='-100,20,-75,60'", "km², more than"),
+     ("output.root={blocked}/out", "is not writable")],  # checked last, after search and planning
+)
+def test_bad_input_found_by_run_fails_fast_and_writes_nothing(tmp_path, demo_catalog, override, message):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    cfg = run_config(tmp_path / "out", demo_catalog, override.format(blocked=blocked))  # valid: run() must find it
+    with pytest.raises(ConfigError, match=message):
         run(cfg)
-    assert not (tmp_path / "out").exists()
+    assert sorted(tmp_path.iterdir()) == [blocked] and blocked.read_text() == "not a directory"
