@@ -44,13 +44,6 @@ def _group_table(seed: int) -> tuple[MaskTable, tuple[int, int]]:
     return table, scene.grid_hw_px
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("iou_mode", ["mask", "box"])
 def test_ray_grouped_merge_equals_global_merge_per_date_group(ray_local, iou_mode):
     groups = {f"g{seed}": _group_table(seed) for seed in (21, 22)}

@@ -41,15 +41,6 @@ def run_config(tmp_root: Path, demo_catalog, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, demo_catalog, ray_local):
     root = tmp_path_factory.mktemp("out")
     metrics = run(run_config(root, demo_catalog))
