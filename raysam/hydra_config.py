@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import types
 import typing
-from typing import Any, Literal
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -30,7 +30,7 @@ _PRIMITIVES = (int, float, str, bool)
 
 def yaml_type(hint: Any, where: str) -> Any:
     """The OmegaConf type of a field: primitives, ``X | None``, lists for tuples, ``Any`` for
-    unions of several types; a Literal becomes its values' type.
+    unions of several types.
 
     Raises:
         TypeError: a type YAML cannot hold (an array, an object): skip that field in its Part.
@@ -38,12 +38,10 @@ def yaml_type(hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint in _PRIMITIVES or hint is Any:
         return hint
-    if origin is Literal:
-        return type(args[0])
     if origin in (typing.Union, types.UnionType):
         members = [a for a in args if a is not type(None)]
         inner = yaml_type(members[0], where) if len(members) == 1 else Any
-        return inner if len(members) == len(args) else typing.Optional[inner]  # noqa: UP045 - OmegaConf needs it
+        return inner if len(members) == len(args) else typing.Optional[inner]  # OmegaConf 2.3 wants Optional
     if origin in (tuple, list):
         elements = {a for a in args if a is not Ellipsis}
         return list[yaml_type(elements.pop(), where) if len(elements) == 1 else Any]
