@@ -1,149 +1,47 @@
-"""Typed run configuration: the Hydra schema and its validation.
+"""The run configuration: typed, frozen, validated, one definition per setting.
 
-This is the only module that knows Hydra/OmegaConf. ``conf/config.yaml`` composes the groups
-on top of the :class:`RunSchema` registered here, so an unknown key or a value of the wrong
-type fails while composing; :func:`to_run_config` then turns the composed DictConfig into plain
-frozen dataclasses and validates ranges (one-line :class:`~raysam.errors.ConfigError`) before
-anything starts. Stage code only ever sees :class:`RunConfig`.
+Every setting is one field of one frozen dataclass, which holds its only default and checks it
+on construction: :class:`~raysam.region.RegionSpec`, :class:`~raysam.stac.StacConfig`,
+:class:`~raysam.sam.params.AmgParams`, :class:`~raysam.scaling.ScalingSpec`,
+:class:`~raysam.merge.MergeParams`, :class:`~raysam.remote_io.NetworkPolicy` and, for the
+settings with no other home, :class:`ModelConfig`, :class:`ChipConfig`, :class:`RayConfig`,
+:class:`OutputConfig` and :class:`RunConfig` itself. :data:`GROUPS` says which of those fields
+each group of the YAML tree (``conf/``) holds, under which key; :mod:`raysam.hydra_config`
+generates Hydra's schema from it and :func:`from_tree` builds a :class:`RunConfig` from a
+composed tree of plain values. Nothing here imports Hydra or OmegaConf, so the Ray workers
+that unpickle parts of a config never do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raysam.errors import ConfigError
+from raysam.grid import DEFAULT_OVERLAP
+from raysam.merge import MergeParams
+from raysam.read import DEFAULT_MAX_CLOUD_FRACTION
+from raysam.region import RegionSpec
+from raysam.remote_io import NetworkPolicy
+from raysam.sam.contract import MODEL_TYPES
+from raysam.sam.params import AmgParams
+from raysam.scaling import ScalingSpec
+from raysam.stac import StacConfig
 
 REDACTED = "<redacted>"
 DEMO_URL_PLACEHOLDER = "http://127.0.0.1:0"
 PC_KEY_ENV = "PC_SDK_SUBSCRIPTION_KEY"
 SINKS = ("segmentation_mask", "s2_raster", "quicklook")
-
-
-# ---------------------------------------------------------------------------------------------
-# Schema (OmegaConf structured configs: primitive fields only)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class RegionSchema:
-    name: str = "???"
-    geometry: str = "???"  # "minx,miny,maxx,maxy" (lon/lat), WKT, or a GeoJSON/GeoParquet path
-    time_range: list[str] = field(default_factory=lambda: ["???", "???"])
-    max_cloud_cover: float | None = None  # percent, per item (eo:cloud_cover)
-    min_tile_cover: float = 0.4  # fraction of the AOI a date must cover (as raysam.region.RegionSpec)
-    max_tiles_per_date: int | None = None
-    utm_epsg: int | None = None  # target grid CRS; default: UTM zone of the AOI centroid
-
-
-@dataclass
-class StacSchema:
-    kind: str = "planetary_computer"  # planetary_computer | local | demo
-    url: str | None = None
-    collection: str = "sentinel-2-l2a"
-    sign: bool = True
-    pc_key: str | None = None
-    page_size: int = 100
-    max_items: int | None = None
-    timeout_s: float = 30.0
-    retries: int = 3
-    backoff_s: float = 0.5
-    demo_root: str | None = None  # kind=demo: where the synthetic catalog is built
-
-
-@dataclass
-class ModelSchema:
-    type: str = "vit_b"
-    path: str = "models/vit_b"
-
-
-@dataclass
-class SamSchema:
-    spatial_overlap: float = 0.5
-    points_per_side: int = 16
-    n_crop_layers: int = 0
-    crop_overlap_ratio: float = 0.0
-    crop_n_points_downscale_factor: int = 1
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    points_per_batch: int = 16
-    chip_nms_thr: float = 0.7
-    mask_nms_thr: float = 0.5
-    multimask: bool = True
-    merge_iou: str = "mask"
-    band_names: list[str] = field(default_factory=lambda: ["R", "G", "B"])
-    band_scaling: list[float] | None = None
-    band_offset: list[float] | None = None
-    scaling: str = "reflectance"
-    max_cloud_fraction: float = 0.8
-
-
-@dataclass
-class RaySchema:
-    address: str | None = None
-    sam_actors: int = 1
-    sam_actors_max: int | None = None
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    read_cpus: float = 1.0
-    read_concurrency: int | None = None
-    max_task_retries: int = 3
-    object_store_gb: float | None = None
-    sink_tasks: int | None = None
-    sink_cpus: float = 1.0
-
-
-@dataclass
-class OutputSchema:
-    root: str = "outputs"
-    sinks: list[str] = field(default_factory=lambda: list(SINKS))
-    s2_bands: list[str] = field(default_factory=lambda: ["B02", "B03", "B04", "B08"])
-    overwrite: bool = False
-    single_file_max_mpx: float = 100.0
-
-
-@dataclass
-class NetworkSchema:
-    """COG reads over HTTP: see :class:`raysam.read.NetworkPolicy` (GDAL_HTTP_* env vars win)."""
-
-    timeout_s: float = 30.0
-    connect_timeout_s: float = 10.0
-    gdal_retries: int = 4
-    gdal_retry_delay_s: float = 1.0
-    tries: int = 3
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-
-
-@dataclass
-class RunSchema:
-    region: RegionSchema = field(default_factory=RegionSchema)
-    stac: StacSchema = field(default_factory=StacSchema)
-    model: ModelSchema = field(default_factory=ModelSchema)
-    sam: SamSchema = field(default_factory=SamSchema)
-    ray: RaySchema = field(default_factory=RaySchema)
-    output: OutputSchema = field(default_factory=OutputSchema)
-    network: NetworkSchema = field(default_factory=NetworkSchema)
-    dry_run: bool = False
-    device: str = "auto"
-    verbose: bool = False
-
-
-def register_schema() -> None:
-    """Register :class:`RunSchema` as ``raysam_schema`` in Hydra's ConfigStore."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="raysam_schema", node=RunSchema)
-
-
-register_schema()
-
-
-# ---------------------------------------------------------------------------------------------
-# Validated run configuration (what stage code sees)
-# ---------------------------------------------------------------------------------------------
+DEMO_KIND = "demo"  # stac.kind=demo: the synthetic catalog, served on localhost for the run
+# stac=demo searches that local server without signing (its port is known once it runs).
+DEMO_STAC = {"kind": "local", "url": DEMO_URL_PLACEHOLDER, "sign": False}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -161,56 +59,39 @@ def check_path_component(value: str, what: str) -> str:
     return value
 
 
+# ---------------------------------------------------------------------------------------------
+# Settings with no home in a domain module (messages name fields; from_tree adds their group)
+# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelConfig:
     """Which ONNX model directory to load (see :mod:`raysam.sam.contract`)."""
 
-    type: str
-    path: str
+    type: str = "vit_b"
+    path: str = "models/vit_b"
+
+    def __post_init__(self) -> None:
+        _check(self.type in MODEL_TYPES, f"type={self.type!r} is unknown: use one of {list(MODEL_TYPES)}")
 
 
 @dataclass(frozen=True)
 class ChipConfig:
-    """How chips are planned and turned into RGB uint8 for SAM (seed: band_names etc.)."""
+    """How chips are cut and turned into SAM's RGB uint8 (seed: spatial_overlap, band_names, ...).
 
-    spatial_overlap: float = 0.5
-    band_names: tuple[str, ...] = ("R", "G", "B")
-    band_scaling: tuple[float, ...] | None = None
-    band_offset: tuple[float, ...] | None = None
-    scaling: str = "reflectance"
-    max_cloud_fraction: float = 0.8
+    Attributes:
+        spatial_overlap: fraction of a chip shared with its neighbour, in [0, 1).
+        max_cloud_fraction: skip chips whose valid pixels are cloudier than this, in [0, 1].
+        scaling: DN to RGB uint8 (its stretch, if any, is computed once per date group).
+    """
 
-    def __post_init__(self) -> None:
-        _check(
-            0.0 <= self.spatial_overlap < 1.0,
-            f"sam.spatial_overlap={self.spatial_overlap} is out of range: use a value in [0, 1)",
-        )
-        _check(len(self.band_names) == 3, f"sam.band_names={list(self.band_names)}: give exactly 3 bands (R, G, B)")
-        for name, values in (("band_scaling", self.band_scaling), ("band_offset", self.band_offset)):
-            _check(
-                values is None or len(values) == len(self.band_names),
-                f"sam.{name} has {len(values or ())} values for {len(self.band_names)} bands: give one per band or null",
-            )
-        _check(self.scaling in ("reflectance", "stretch"), f"sam.scaling={self.scaling!r}: use reflectance or stretch")
-        _check(
-            0.0 <= self.max_cloud_fraction <= 1.0,
-            f"sam.max_cloud_fraction={self.max_cloud_fraction} is out of range: use a value in [0, 1]",
-        )
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    """Cross-chip merge (seed: mask_nms_thr)."""
-
-    mask_nms_thr: float = 0.5
-    iou_mode: str = "mask"
+    spatial_overlap: float = DEFAULT_OVERLAP
+    max_cloud_fraction: float = DEFAULT_MAX_CLOUD_FRACTION
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
 
     def __post_init__(self) -> None:
-        _check(
-            0.0 < self.mask_nms_thr <= 1.0,
-            f"sam.mask_nms_thr={self.mask_nms_thr} is out of range: use a value in (0, 1]",
-        )
-        _check(self.iou_mode in ("mask", "box"), f"sam.merge_iou={self.iou_mode!r}: use mask or box")
+        _check(0.0 <= self.spatial_overlap < 1.0,
+               f"spatial_overlap={self.spatial_overlap} is out of range: use a value in [0, 1)")
+        _check(0.0 <= self.max_cloud_fraction <= 1.0,
+               f"max_cloud_fraction={self.max_cloud_fraction} is out of range: use a value in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -235,16 +116,16 @@ class RayConfig:
     sink_cpus: float = 1.0  # CPUs each back-half task reserves
 
     def __post_init__(self) -> None:
+        _check(self.sam_actors >= 1, f"sam_actors={self.sam_actors}: use a positive integer")
         _check(self.sink_tasks is None or self.sink_tasks >= 1,
-               f"ray.sink_tasks={self.sink_tasks}: use a positive integer or null")
-        _check(self.sam_actors >= 1, f"ray.sam_actors={self.sam_actors}: use a positive integer")
+               f"sink_tasks={self.sink_tasks}: use a positive integer or null")
         _check(
             self.sam_actors_max is None or self.sam_actors_max >= self.sam_actors,
-            f"ray.sam_actors_max={self.sam_actors_max} is below ray.sam_actors={self.sam_actors}",
+            f"sam_actors_max={self.sam_actors_max} is below sam_actors={self.sam_actors}",
         )
         for name in ("gpus_per_actor", "cpus_per_actor", "read_cpus", "sink_cpus"):
-            _check(getattr(self, name) >= 0, f"ray.{name}={getattr(self, name)}: use a value >= 0")
-        _check(self.max_task_retries >= 0, f"ray.max_task_retries={self.max_task_retries}: use a value >= 0")
+            _check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: use a value >= 0")
+        _check(self.max_task_retries >= 0, f"max_task_retries={self.max_task_retries}: use a value >= 0")
 
 
 @dataclass(frozen=True)
@@ -259,26 +140,33 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _check(self.single_file_max_mpx >= 0,
-               f"output.single_file_max_mpx={self.single_file_max_mpx}: use a value >= 0 (0: tiles only)")
+               f"single_file_max_mpx={self.single_file_max_mpx}: use a value >= 0 (0: tiles only)")
         unknown = sorted(set(self.sinks) - set(SINKS))
-        _check(not unknown, f"output.sinks has unknown sink(s) {unknown}: choose from {list(SINKS)}")
-        _check(bool(self.root), "output.root is empty: give a local path or a URI (s3://bucket/prefix)")
+        _check(not unknown, f"sinks has unknown sink(s) {unknown}: choose from {list(SINKS)}")
+        _check(bool(self.root), "root is empty: give a local path or a URI (s3://bucket/prefix)")
+
+
+@dataclass(frozen=True)
+class DemoSource:
+    """``stac=demo``: where the synthetic catalog is built (then served for the run's duration)."""
+
+    demo_root: str = "demo_data"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """The validated configuration of one run. ``stac`` holds the (secret) key; see :func:`redacted`."""
 
-    region: Any  # raysam.region.RegionSpec
-    stac: Any  # raysam.stac.StacConfig
-    demo_catalog: str | None  # stac=demo: root of the synthetic catalog, served for the run
-    model: ModelConfig
-    amg: Any  # raysam.sam.params.AmgParams
-    chip: ChipConfig
-    merge: MergeConfig
-    ray: RayConfig
-    output: OutputConfig
-    network: Any = None  # raysam.read.NetworkPolicy (None: its defaults)
+    region: RegionSpec
+    stac: StacConfig = field(default_factory=StacConfig)
+    demo_catalog: str | None = None  # stac=demo: root of the synthetic catalog, served for the run
+    model: ModelConfig = field(default_factory=ModelConfig)
+    amg: AmgParams = field(default_factory=AmgParams)
+    chip: ChipConfig = field(default_factory=ChipConfig)
+    merge: MergeParams = field(default_factory=MergeParams)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     dry_run: bool = False
     device: str = "auto"
     verbose: bool = False
@@ -287,72 +175,114 @@ class RunConfig:
         _check(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: use auto, cuda or cpu")
 
 
-def _plain(cfg: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
+# ---------------------------------------------------------------------------------------------
+# The YAML tree: which dataclass fields each group holds
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """The settings one dataclass gives a group of the YAML tree.
 
-    return OmegaConf.to_container(cfg[key], resolve=True)
+    Attributes:
+        cls: a frozen dataclass; its fields' types, defaults and validation define the settings.
+        keys: the YAML key of a field where it differs from the field's name.
+        skip: fields that are not settings (derived at run time, or not expressible in YAML).
+            A field holding another dataclass is never a setting itself: its own Part fills it.
+    """
+
+    cls: type
+    keys: Mapping[str, str] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+
+    def settings(self) -> list[tuple[str, dataclasses.Field, Any]]:
+        """(YAML key, field, resolved type) of each setting, in field order."""
+        hints = typing.get_type_hints(self.cls)
+        return [(self.keys.get(f.name, f.name), f, hints[f.name]) for f in dataclasses.fields(self.cls)
+                if f.name not in self.skip and not dataclasses.is_dataclass(hints[f.name])]
+
+    def build(self, group: str, values: Mapping[str, Any], **given: Any) -> Any:
+        """The dataclass from a group's plain values (lists become tuples where the field is one).
+
+        Args:
+            group: the group's path in the tree (``""`` for the top level), to name settings.
+            values: the group's values by YAML key; a missing key keeps the field's default.
+            **given: fields set by the caller (nested dataclasses, derived values).
+
+        Raises:
+            ConfigError: the dataclass's own message, each setting named by its YAML path.
+        """
+        kwargs = {f.name: _as_field(values[key], hint) for key, f, hint in self.settings() if key in values}
+        try:
+            return self.cls(**{**kwargs, **given})
+        except ConfigError as err:
+            raise ConfigError(self._yaml_names(str(err), group)) from None
+
+    def _yaml_names(self, message: str, group: str) -> str:
+        """``message`` with each field named as the user wrote it: ``mask_nms_thr=0`` becomes
+        ``sam.mask_nms_thr=0``, ``iou_mode='x'`` becomes ``sam.merge_iou='x'`` (a field's name
+        followed by ``=``, or opening the message)."""
+        for key, f, _ in self.settings():
+            path = f"{group}.{key}" if group else key
+            message = re.sub(rf"(?<![\w.]){f.name}(?==)|^{f.name}(?=\s)", path, message)
+        return message
 
 
-def to_run_config(cfg: Any) -> RunConfig:
-    """Validate a composed Hydra config and build the typed :class:`RunConfig`.
+def _as_field(value: Any, hint: Any) -> Any:
+    """A plain YAML value as the field wants it: a list becomes a tuple for a tuple field."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    members = typing.get_args(hint) if union else (hint,)
+    wants_tuple = any(typing.get_origin(m) is tuple for m in members)
+    return tuple(value) if wants_tuple and isinstance(value, list) else value
+
+
+TOP_LEVEL = Part(RunConfig, skip=("demo_catalog",))  # dry_run, device, verbose
+# Merge parameters that are algorithm choices, tested for exactness, not user settings.
+_MERGE_INTERNALS = ("drop_border_contained", "containment_thr", "border_px", "prefer_interior")
+GROUPS: dict[str, tuple[Part, ...]] = {
+    "region": (Part(RegionSpec),),
+    "stac": (Part(StacConfig), Part(DemoSource)),
+    "model": (Part(ModelConfig),),
+    "sam": (  # the seed's auto_segment_s2 parameters, flat
+        Part(AmgParams, skip=("point_grids",)),
+        Part(ChipConfig),
+        Part(ScalingSpec, keys={"mode": "scaling"}, skip=("low", "high")),
+        Part(MergeParams, keys={"iou_mode": "merge_iou"}, skip=_MERGE_INTERNALS),
+    ),
+    "ray": (Part(RayConfig),),
+    "output": (Part(OutputConfig),),
+    "network": (Part(NetworkPolicy),),
+}
+
+
+def from_tree(tree: Mapping[str, Any]) -> RunConfig:
+    """Build and validate the run configuration from a composed tree of plain values.
+
+    ``stac.kind=demo`` becomes a local, unsigned search of the synthetic catalog under
+    ``stac.demo_root`` (served once the run starts); a missing ``stac.pc_key`` is read from
+    ``PC_SDK_SUBSCRIPTION_KEY``.
+
+    Args:
+        tree: ``{group: {key: value}}`` plus the top-level keys, as :data:`GROUPS` and
+            :data:`TOP_LEVEL` lay them out (a missing key keeps its default).
 
     Raises:
-        ConfigError: one line naming the bad value and what to use instead.
+        ConfigError: one line naming the setting by its YAML path and what to use instead.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    parts = {part.cls: (group, part) for group, group_parts in GROUPS.items() for part in group_parts}
 
-    from raysam.read import NetworkPolicy
-    from raysam.region import RegionSpec
-    from raysam.sam.contract import MODEL_TYPES
-    from raysam.sam.params import AmgParams
-    from raysam.stac import StacConfig
+    def make(cls: type, **given: Any) -> Any:
+        group, part = parts[cls]
+        return part.build(group, tree.get(group, {}), **given)
 
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"config is incomplete or invalid: {str(err).splitlines()[0]}") from None
-    region, stac, model, sam, ray_cfg, output = (_plain(cfg, k) for k in ("region", "stac", "model", "sam", "ray", "output"))
-    check_path_component(region["name"], "region.name")
-    _check(model["type"] in MODEL_TYPES, f"model.type={model['type']!r} is unknown: use one of {list(MODEL_TYPES)}")
-    stac["pc_key"] = stac.get("pc_key") or os.environ.get(PC_KEY_ENV) or None
-    demo_root = stac.pop("demo_root", None)
-    demo_catalog = None
-    if stac["kind"] == "demo":  # served on a free port once the run starts (raysam.driver)
-        demo_catalog = str(Path(demo_root or "demo_data") / "catalog")
-        stac.update(kind="local", url=DEMO_URL_PLACEHOLDER, sign=False)
-    return RunConfig(
-        region=RegionSpec(
-            name=region["name"], geometry=region["geometry"], time_range=tuple(region["time_range"]),
-            max_cloud_cover=region["max_cloud_cover"], min_tile_cover=region["min_tile_cover"],
-            max_tiles_per_date=region["max_tiles_per_date"], utm_epsg=region["utm_epsg"],
-        ),
-        stac=StacConfig(**stac),
-        demo_catalog=demo_catalog,
-        model=ModelConfig(**model),
-        amg=AmgParams(
-            points_per_side=sam["points_per_side"], points_per_batch=sam["points_per_batch"],
-            pred_iou_thresh=sam["pred_iou_thresh"], stability_score_thresh=sam["stability_score_thresh"],
-            stability_score_offset=sam["stability_score_offset"], chip_nms_thr=sam["chip_nms_thr"],
-            n_crop_layers=sam["n_crop_layers"], crop_overlap_ratio=sam["crop_overlap_ratio"],
-            crop_n_points_downscale_factor=sam["crop_n_points_downscale_factor"], multimask=sam["multimask"],
-        ),
-        chip=ChipConfig(
-            spatial_overlap=sam["spatial_overlap"], band_names=tuple(sam["band_names"]),
-            band_scaling=tuple(sam["band_scaling"]) if sam["band_scaling"] is not None else None,
-            band_offset=tuple(sam["band_offset"]) if sam["band_offset"] is not None else None,
-            scaling=sam["scaling"], max_cloud_fraction=sam["max_cloud_fraction"],
-        ),
-        merge=MergeConfig(mask_nms_thr=sam["mask_nms_thr"], iou_mode=sam["merge_iou"]),
-        ray=RayConfig(**ray_cfg),
-        output=OutputConfig(
-            root=output["root"], sinks=tuple(output["sinks"]), s2_bands=tuple(output["s2_bands"]),
-            overwrite=output["overwrite"], single_file_max_mpx=output["single_file_max_mpx"],
-        ),
-        network=NetworkPolicy(**_plain(cfg, "network")),
-        dry_run=bool(cfg.dry_run),
-        device=str(cfg.device),
-        verbose=bool(cfg.verbose),
+    stac = tree.get("stac", {})
+    demo = stac.get("kind") == DEMO_KIND
+    pc_key = stac.get("pc_key") or os.environ.get(PC_KEY_ENV) or None
+    return TOP_LEVEL.build(
+        "", tree,
+        region=make(RegionSpec),
+        stac=make(StacConfig, pc_key=pc_key, **(DEMO_STAC if demo else {})),
+        demo_catalog=str(Path(make(DemoSource).demo_root) / "catalog") if demo else None,
+        model=make(ModelConfig), amg=make(AmgParams), chip=make(ChipConfig, scaling=make(ScalingSpec)),
+        merge=make(MergeParams), ray=make(RayConfig), output=make(OutputConfig), network=make(NetworkPolicy),
     )
 
 

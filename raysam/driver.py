@@ -159,13 +159,12 @@ def manifest_base(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
 
 def group_scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
     """The date group's RGB scaling: computed once per group, never per chip."""
-    from raysam.read import ScalingSpec, compute_stretch
+    from raysam.scaling import compute_stretch
 
-    base = ScalingSpec(mode="reflectance", band_names=cfg.chip.band_names,
-                       band_scaling=cfg.chip.band_scaling, band_offset=cfg.chip.band_offset)
-    if cfg.chip.scaling == "stretch":
-        return compute_stretch(group, cfg.chip.band_names, signer=signer, base=base, network=cfg.network)
-    return base
+    scaling = cfg.chip.scaling
+    if scaling.mode == "stretch":
+        return compute_stretch(group, scaling.band_names, signer=signer, base=scaling, network=cfg.network)
+    return scaling
 
 
 def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from raysam.config import RunConfig
 from raysam.grid import chip_rows
 from raysam.layout import (LABELS_TIF, LABELS_VRT, MANIFEST, GroupSpec, label_tile, polygon_part, s2_tif, s2_tile,
                            s2_vrt)
-from raysam.merge import MergeParams
 from raysam.plan import GroupPlan
 from raysam.scheduler import TaskQueue
 from raysam.sinks.labels import LABEL_DESCRIPTION, LABEL_NODATA
@@ -102,7 +101,7 @@ class GroupJob:
         self.single_files = grid.width * grid.height <= cfg.output.single_file_max_mpx * 1e6
         self.masks_on = "segmentation_mask" in cfg.output.sinks
         self.s2_on = "s2_raster" in cfg.output.sinks
-        self.merge_params = MergeParams(cfg.merge.mask_nms_thr, cfg.merge.iou_mode)
+        self.merge_params = cfg.merge
         items = spec.group.items
         self.datetime_utc = (min(i.datetime_utc for i in items) if items
                              else datetime.combine(spec.group.date, dtime(0), tzinfo=UTC))

@@ -233,6 +233,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
     ctx.enable_progress_bars = False  # the driver shows progress per date group
 
     from raysam.grid import chip_rows
+    from raysam.stac import signer_spec
 
     overlap = cfg.chip.spatial_overlap
     rows = [{"date_group_id": gid, "chip_row": r} for gid, s in specs.items()
@@ -243,7 +244,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
         read_stage,
         batch_size=1,
         num_cpus=cfg.ray.read_cpus,
-        fn_kwargs={"specs": specs, "scaling": scaling, "signer_cfg": cfg.stac,
+        fn_kwargs={"specs": specs, "scaling": scaling, "signer_cfg": signer_spec(cfg.stac),
                    "max_cloud_fraction": cfg.chip.max_cloud_fraction, "network": cfg.network},
         memory=READ_TASK_MEMORY_BYTES,
         compute=ray.data.TaskPoolStrategy(size=cfg.ray.read_concurrency),

@@ -82,7 +82,7 @@ class RunPlan:
 
 def chip_bands(cfg: RunConfig) -> tuple[str, ...]:
     """The bands a chip read needs: the three RGB bands plus SCL for the cloud mask."""
-    return (*cfg.chip.band_names, SCL_BAND)
+    return (*cfg.chip.scaling.band_names, SCL_BAND)
 
 
 def _digest(payload: dict) -> str:

@@ -24,6 +24,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from raysam.errors import ConfigError, DataError
+from raysam.stac import DEFAULT_MIN_TILE_COVER
 
 PKG_SCHEME = "pkg://"
 WGS84 = "EPSG:4326"
@@ -45,7 +46,7 @@ _WGS84_NAMES = {"EPSG:4326", "OGC:CRS84", "OGC:1.3:CRS84", "URN:OGC:DEF:CRS:OGC:
 
 @dataclass(frozen=True)
 class RegionSpec:
-    """A region as configured.
+    """A region as configured; its name, time range and limits are checked on construction.
 
     Attributes:
         name: a safe path component (letters, digits, ``-``, ``_``, ``.``); names outputs.
@@ -65,9 +66,14 @@ class RegionSpec:
     geometry: str | list[float] | tuple[float, ...]
     time_range: tuple[Any, Any]
     max_cloud_cover: float | None = None
-    min_tile_cover: float = 0.95
+    min_tile_cover: float = DEFAULT_MIN_TILE_COVER
     max_tiles_per_date: int | None = None
     utm_epsg: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        parse_time_range(self.time_range, self.name)
+        _validate_limits(self)
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,10 @@ class Region:
     aoi_wgs84: Polygon | MultiPolygon
     start_utc: datetime
     end_utc: datetime
-    max_cloud_cover: float | None = None
-    min_tile_cover: float = 0.95
-    max_tiles_per_date: int | None = None
-    utm_epsg: int | None = None
+    max_cloud_cover: float | None
+    min_tile_cover: float
+    max_tiles_per_date: int | None
+    utm_epsg: int | None
 
     @property
     def stac_datetime(self) -> str:
@@ -99,7 +105,7 @@ class Region:
 
 
 def load_region(spec: RegionSpec) -> Region:
-    """Validate a region spec and resolve its geometry and time range.
+    """Resolve a region spec's geometry and time range (the spec checked the rest).
 
     Args:
         spec: the configured region.
@@ -108,12 +114,11 @@ def load_region(spec: RegionSpec) -> Region:
         The region with its AOI in EPSG:4326 and its time range in UTC.
 
     Raises:
-        ConfigError: bad name, time range, bbox, WKT or parameter values.
+        ConfigError: a bad bbox or WKT, or an AOI too large for one target grid.
         DataError: a geometry file that is missing, unreadable, has no CRS or bad geometry.
     """
-    name = validate_name(spec.name)
+    name = spec.name
     start_utc, end_utc = parse_time_range(spec.time_range, name)
-    _validate_limits(spec)
     aoi = validate_aoi(resolve_geometry(spec.geometry, name), name)
     return Region(name, aoi, start_utc, end_utc, spec.max_cloud_cover, spec.min_tile_cover,
                   spec.max_tiles_per_date, spec.utm_epsg)
@@ -127,15 +132,20 @@ def validate_name(name: str) -> str:
     hide itself (a leading dot), start like an option (a leading ``-``) or overflow a file name.
     """
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
-        raise ConfigError(f"region name {name!r} is not a safe path component; use only "
-                          "letters, digits, '-', '_' and '.' (no '..', no slashes)")
+        raise _unsafe_name(repr(name), "this one", "use only letters, digits, '-', '_' and '.' "
+                           "(no '..', no slashes)")
     if not name[0].isalnum():
-        raise ConfigError(f"region name {name!r} is not a safe path component; start it with "
-                          "a letter or digit")
+        raise _unsafe_name(repr(name), f"one starting with {name[0]!r}", "start it with a letter or digit")
     if len(name) > MAX_NAME_CHARS:
-        raise ConfigError(f"region name {name[:20]!r}... is not a safe path component: "
-                          f"{len(name)} characters long; use at most {MAX_NAME_CHARS}")
+        raise _unsafe_name(f"{name[:20]!r}...", f"one of {len(name)} characters",
+                           f"use at most {MAX_NAME_CHARS}")
     return name
+
+
+def _unsafe_name(shown: str, which: str, fix: str) -> ConfigError:
+    """The one-line error for an unsafe region name."""
+    return ConfigError(f"region.name={shown} is not a safe name: region names become directories, "
+                       f"and {which} is not a safe path component; {fix}")
 
 
 def parse_time_range(time_range: Any, name: str = "region") -> tuple[datetime, datetime]:

@@ -8,6 +8,7 @@ on stderr and exit code 2 (``verbose=true`` shows the stack trace).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,8 +20,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from raysam.config import PC_KEY_ENV, RunConfig, to_run_config
+from raysam.config import PC_KEY_ENV, RunConfig
 from raysam.errors import RaysamError, user_error_in
+from raysam.hydra_config import to_run_config
 
 log = logging.getLogger("raysam")
 
@@ -37,8 +39,6 @@ class RedactSecrets(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
-
-        import os
 
         secrets = [s for s in (config.get("stac", {}).get("pc_key"), os.environ.get(PC_KEY_ENV)) if s]
         if not secrets:
@@ -62,12 +62,10 @@ def hide_secret_overrides(argv: list[str]) -> list[str]:
     """Move a key given on the command line into the environment before Hydra sees it.
 
     ``stac.pc_key=KEY`` (or the seed's ``pc_key=KEY``) becomes ``PC_SDK_SUBSCRIPTION_KEY`` in
-    this process's environment, and the override is dropped: the config reads the variable
-    through ``${oc.env:...}``, so neither ``--cfg job``, Hydra's saved ``.hydra/`` files nor
-    ``multirun.yaml`` ever hold the key.
+    this process's environment, and the override is dropped: the run reads the variable
+    (:func:`raysam.config.from_tree`), so neither ``--cfg job``, Hydra's saved ``.hydra/``
+    files nor ``multirun.yaml`` ever hold the key.
     """
-    import os
-
     kept = []
     for arg in argv:
         prefix = next((p for p in SECRET_OVERRIDES if arg.startswith(p)), None)
@@ -136,6 +134,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """
     from raysam.driver import execute, prepare
 
+    if cfg.stac.pc_key:  # Ray workers sign hrefs with the key of their environment, inherited from here
+        os.environ[PC_KEY_ENV] = cfg.stac.pc_key
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     if cfg.dry_run:

@@ -2,7 +2,9 @@
 
 The driver calls :func:`search_items` (pystac-client, all pages, retries), then
 :func:`dedupe_reprocessed` and :func:`select_per_date`; readers call the signer from
-:func:`make_href_signer` right before opening an asset. Items keep unsigned hrefs.
+:func:`make_href_signer` right before opening an asset. Items keep unsigned hrefs. Ray tasks get
+the key-free :class:`SignerSpec` (:func:`signer_spec`); their signer reads the key from the
+worker's environment, so the key is never in a task argument that Ray could spill to disk.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from raysam.errors import ConfigError, DataError
 from raysam.items import REFLECTANCE_SCALE, BandAsset, ParsedItem, canonical_band
 
 __all__ = [
-    "DateSelection", "HrefSigner", "StacConfig", "as_utc", "dedupe_reprocessed", "make_href_signer",
-    "open_client", "parse_item", "search_items", "select_per_date",
+    "DateSelection", "HrefSigner", "SignerSpec", "StacConfig", "as_utc", "dedupe_reprocessed", "make_href_signer",
+    "open_client", "parse_item", "search_items", "select_per_date", "signer_spec",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ OFFSET_START_UTC = datetime(2022, 1, 25, tzinfo=timezone.utc)
 BOA_ADD_OFFSET_DN = -1000.0
 RETRY_STATUS = (429, 500, 502, 503, 504)  # transient HTTP answers worth retrying
 BLOB_DOMAIN = ".blob.core.windows.net"  # planetary_computer.sas.BLOB_STORAGE_DOMAIN
+# A date is used when its tiles cover this share of the AOI (FarmVibes' select_necessary_coverage_items
+# asks 0.99; 0.95 leaves room for footprints simplified at the AOI's edge).
+DEFAULT_MIN_TILE_COVER = 0.95
 
 
 @dataclass(frozen=True)
@@ -484,7 +489,7 @@ def _select_group(key: tuple[date, int | None], items: list[ParsedItem], aoi_m: 
     return DateSelection(key[0], tuple(picked), cover, orbits, cloud)
 
 
-def select_per_date(items: Iterable[ParsedItem], aoi_wgs84: shapely.Geometry, min_tile_cover: float = 0.95,
+def select_per_date(items: Iterable[ParsedItem], aoi_wgs84: shapely.Geometry, min_tile_cover: float = DEFAULT_MIN_TILE_COVER,
                     max_tiles_per_date: int | None = None, max_cloud_cover: float | None = None,
                     split_by_orbit: bool = False) -> list[DateSelection]:
     """Per UTC acquisition date, the fewest items covering the AOI (FarmVibes' coverage selection).
@@ -542,27 +547,51 @@ def _blob_container(href: str) -> tuple[str, str] | None:
     return (parsed.netloc[: -len(BLOB_DOMAIN)], parts[0]) if parts[0] else None
 
 
-def _use_pc_key(cfg: StacConfig) -> None:
-    """Hand the subscription key (pc_key, else PC_SDK_SUBSCRIPTION_KEY) to planetary_computer."""
-    import planetary_computer
+@dataclass(frozen=True)
+class SignerSpec:
+    """What signs asset hrefs, without the key: picklable, so it can travel in Ray task arguments.
 
-    key = cfg.pc_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
-    if key:
-        planetary_computer.set_subscription_key(key)
+    A signer built from it (:func:`make_href_signer`) reads the key from its own process's
+    ``PC_SDK_SUBSCRIPTION_KEY`` (Ray workers inherit the job's environment; on a cluster, keep
+    the key in the cluster's environment).
+
+    Attributes:
+        sign: sign Azure Blob Storage hrefs with Planetary Computer SAS tokens; False: identity.
+        retries: retries of a token request (``stac.retries``).
+        backoff_s: backoff factor between those retries (``stac.backoff_s``).
+    """
+
+    sign: bool
+    retries: int
+    backoff_s: float
 
 
-def pc_token_fetcher(cfg: StacConfig) -> TokenFetcher:
-    """A fetcher of SAS tokens through ``planetary_computer.sas.get_token`` (its own cache too)."""
+def signer_spec(cfg: StacConfig) -> SignerSpec:
+    """The key-free description of ``cfg``'s href signing, for workers."""
+    return SignerSpec(sign=cfg.kind == "planetary_computer" and cfg.sign, retries=cfg.retries, backoff_s=cfg.backoff_s)
+
+
+def pc_token_fetcher(spec: SignerSpec, pc_key: str | None = None) -> TokenFetcher:
+    """A fetcher of SAS tokens through ``planetary_computer.sas.get_token`` (its own cache too).
+
+    Args:
+        spec: the token requests' retries and backoff.
+        pc_key: the subscription key; None: this process's ``PC_SDK_SUBSCRIPTION_KEY``, read
+            when a token is fetched (none: anonymous requests).
+    """
 
     def fetch(account: str, container: str, fresh: bool) -> tuple[str, datetime]:
+        import planetary_computer
         from planetary_computer import sas
         from planetary_computer.settings import Settings
 
-        _use_pc_key(cfg)
+        key = pc_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
+        if key:
+            planetary_computer.set_subscription_key(key)
         if fresh:
             sas.TOKEN_CACHE.pop(f"{Settings.get().sas_url}/{account}/{container}", None)
         try:
-            token = sas.get_token(account, container, retry_total=cfg.retries, retry_backoff_factor=cfg.backoff_s)
+            token = sas.get_token(account, container, retry_total=spec.retries, retry_backoff_factor=spec.backoff_s)
         except Exception as err:  # noqa: BLE001 - requests errors never carry the key (it is a header)
             status = getattr(getattr(err, "response", None), "status_code", None)
             raise DataError(f"could not get a Planetary Computer SAS token for {account}/{container}"
@@ -618,17 +647,21 @@ class HrefSigner:
         return self._sign(href, fresh=True)
 
 
-def make_href_signer(cfg: StacConfig, fetch: TokenFetcher | None = None,
+def make_href_signer(cfg: StacConfig | SignerSpec, fetch: TokenFetcher | None = None,
                      container_of: Callable[[str], tuple[str, str] | None] | None = None) -> HrefSigner:
     """The href signer for a config: identity for ``local`` or ``sign=False``, else Planetary Computer SAS.
 
     Args:
-        cfg: the STAC config (its ``pc_key`` or ``PC_SDK_SUBSCRIPTION_KEY`` is used, never shown).
+        cfg: the STAC config (its ``pc_key``, else ``PC_SDK_SUBSCRIPTION_KEY``, is used, never
+            shown), or on a worker its key-free :class:`SignerSpec` (the key then comes from
+            the worker's ``PC_SDK_SUBSCRIPTION_KEY``).
         fetch: token fetcher ``(account, container, fresh) -> (token, expiry)``; defaults to
             ``planetary_computer``'s.
         container_of: which hrefs need a token, and for which (account, container); defaults
             to Azure Blob Storage URLs.
     """
-    if cfg.kind != "planetary_computer" or not cfg.sign:
+    spec = cfg if isinstance(cfg, SignerSpec) else signer_spec(cfg)
+    if not spec.sign:
         return HrefSigner(None)
-    return HrefSigner(fetch or pc_token_fetcher(cfg), container_of=container_of)
+    pc_key = cfg.pc_key if isinstance(cfg, StacConfig) else None
+    return HrefSigner(fetch or pc_token_fetcher(spec, pc_key), container_of=container_of)

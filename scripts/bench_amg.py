@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raysam.sam import AutomaticMaskGenerator, load_model  # noqa: E402
 from tests.tiny_sam import build_tiny_sam, export_tiny_sam, load_tiny_image  # noqa: E402
 
-# The seed's parameters (auto_segment_s2). The untrained fixture keeps no mask at the seed's
-# thresholds; --no-filters sets both to 0 (as SAM allows) so that the two runs do real work.
+# The seed's parameters (auto_segment_s2), at which the tiny SAM fixture keeps 472 masks;
+# --no-filters sets both thresholds to 0 (as SAM allows) for a heavier run (736 masks).
 PARAMS = dict(points_per_side=16, points_per_batch=16, pred_iou_thresh=0.88,
               stability_score_thresh=0.95, stability_score_offset=1.0, chip_nms_thr=0.7,
               n_crop_layers=0, crop_overlap_ratio=0.0, crop_n_points_downscale_factor=1)

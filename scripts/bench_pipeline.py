@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 def _run_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from raysam.config import to_run_config
+    from raysam.hydra_config import to_run_config
     from raysam.run import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

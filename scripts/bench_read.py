@@ -21,15 +21,15 @@ import shapely
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysam import read  # noqa: E402
+from raysam import read, remote_io  # noqa: E402
 from raysam.demo.catalog import DEMO_AOI_WGS84, DEMO_ROOT, make_demo_catalog  # noqa: E402
 from raysam.grid import ChipTask, make_date_group, plan_chip_tasks  # noqa: E402
 from raysam.stac import dedupe_reprocessed, parse_item, select_per_date  # noqa: E402
 
 CONFIGS = {  # name: (fast_path, open datasets kept per thread)
     "warp, reopen per read (before)": (False, 0),
-    "warp + dataset cache": (False, read.DEFAULT_DATASET_CACHE_SIZE),
-    "fast path + dataset cache (now)": (True, read.DEFAULT_DATASET_CACHE_SIZE),
+    "warp + dataset cache": (False, remote_io.DEFAULT_DATASET_CACHE_SIZE),
+    "fast path + dataset cache (now)": (True, remote_io.DEFAULT_DATASET_CACHE_SIZE),
 }
 
 
@@ -49,8 +49,8 @@ def demo_tasks(root: Path) -> list[ChipTask]:
 def time_reads(tasks: list[ChipTask], n: int, fast_path: bool,
                cache_size: int) -> tuple[float, list]:
     """Seconds per chip over ``n`` reads (round-robin over tasks), and the chips read."""
-    read.clear_dataset_cache()
-    read.set_dataset_cache_size(cache_size)
+    remote_io.clear_dataset_cache()
+    remote_io.set_dataset_cache_size(cache_size)
     chips = []
     start = time.perf_counter()
     for i in range(n):
@@ -101,7 +101,7 @@ def main() -> None:
     print(f"{'configuration':<34}{'s/chip':>9}{'speed-up':>10}{'identical':>11}")
     for name, (sec, chips) in results.items():
         print(f"{name:<34}{sec:>9.3f}{base_s / sec:>9.2f}x{str(same(chips, base_chips)):>11}")
-    read.set_dataset_cache_size(read.DEFAULT_DATASET_CACHE_SIZE)
+    remote_io.set_dataset_cache_size(remote_io.DEFAULT_DATASET_CACHE_SIZE)
     warp_s, fast_s = time_band(tasks[0], False), time_band(tasks[0], True)
     print(f"one aligned 1024 px band: warp {warp_s * 1e3:.1f} ms, windowed read "
           f"{fast_s * 1e3:.1f} ms, ratio {warp_s / fast_s:.1f}x (every demo chip also warps "

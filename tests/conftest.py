@@ -4,6 +4,9 @@ Catalog and STAC API (owned by the STAC part):
     demo_catalog  session: the synthetic Sentinel-2 catalog (raysam.demo.catalog), built once.
     stac_server   session: (url, CatalogInfo) of a live ``rustac serve`` over that catalog.
     demo_selection session: the demo region (conf/region/demo.yaml) searched and selected per date.
+
+Ray:
+    ray_local     module: a small local Ray instance (2 CPUs), shut down after the module.
 """
 
 from __future__ import annotations
@@ -49,3 +52,13 @@ def demo_selection(stac_server):
     selections = select_per_date(dedupe_reprocessed(items), region.aoi_wgs84,
                                  region.min_tile_cover)
     return region, info, {f"{s.date:%Y-%m-%d}": s for s in selections}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance with 2 CPUs for the module's tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

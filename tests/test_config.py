@@ -1,14 +1,18 @@
 """The Hydra config: composition, seed defaults, validation before anything starts, secrets."""
 
+import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import raysam.config  # noqa: F401  (registers the schema)
-from raysam.config import REDACTED, redacted, to_run_config
+from raysam.config import REDACTED, GROUPS, RunConfig, redacted
 from raysam.errors import ConfigError
+from raysam.hydra_config import schema, to_run_config
+from raysam.region import RegionSpec
 from raysam.run import CONF_DIR, hide_secret_overrides
 
 SEED_DEFAULTS = {  # ../shared/seed/auto_segment_s2.md "Workflow Yaml"
@@ -89,3 +93,55 @@ def test_secret_override_moves_to_environment(monkeypatch):
 
 def test_conf_dir_is_the_repository_conf():
     assert (Path(CONF_DIR) / "config.yaml").exists()
+
+
+# ---------------------------------------------------------------- one definition per setting
+BARE_REGION = {"name": "bare", "geometry": "0,0,1,1", "time_range": ["2024-06-01", "2024-06-30"]}
+
+
+def _differences(got, want, path: str = "") -> list[str]:
+    """Every field (recursing into nested dataclasses) where two config objects differ."""
+    if dataclasses.is_dataclass(want):
+        return [d for f in dataclasses.fields(want)
+                for d in _differences(getattr(got, f.name), getattr(want, f.name), f"{path}.{f.name}".lstrip("."))]
+    return [] if got == want else [f"{path}: conf gives {got!r}, the dataclass default is {want!r}"]
+
+
+def test_default_options_add_no_default_of_their_own(tmp_path, monkeypatch):
+    """conf/config.yaml's default options plus a region file giving only the required keys build
+    exactly the dataclasses' defaults, field by field: a default written in conf/*.yaml (or in
+    the schema) that disagrees with the dataclass fails here."""
+    monkeypatch.delenv("PC_SDK_SUBSCRIPTION_KEY", raising=False)
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "region" / "bare.yaml").write_text(yaml.safe_dump(BARE_REGION))
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        run = to_run_config(compose("config", overrides=["region=bare"]))
+    region = RegionSpec(BARE_REGION["name"], BARE_REGION["geometry"], tuple(BARE_REGION["time_range"]))
+    assert _differences(run, RunConfig(region=region)) == []
+
+
+def _option_files() -> list[tuple[str, Path]]:
+    """(group, file) of every option that is not its group's default (regions have no default)."""
+    defaults = {k: v for entry in yaml.safe_load((Path(CONF_DIR) / "config.yaml").read_text())["defaults"]
+                if isinstance(entry, dict) for k, v in entry.items()}
+    return [(group, path) for group in GROUPS if group != "region"
+            for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")) if path.stem != defaults[group]]
+
+
+@pytest.mark.parametrize(("group", "path"), _option_files(), ids=lambda v: getattr(v, "stem", v))
+def test_other_options_set_only_what_differs_from_the_defaults(group, path):
+    """A non-default option that restates a default would keep the old value once the default
+    changes: each one sets only what it changes (the rest comes from the schema)."""
+    defaults = OmegaConf.structured(schema())[group]
+    literal = {k: v for k, v in yaml.safe_load(path.read_text()).items()
+               if not (isinstance(v, str) and (v.startswith("${") or v == "???"))}
+    assert literal, path
+    assert [k for k, v in literal.items() if v == defaults[k]] == []
+
+
+def test_a_setting_is_named_by_its_yaml_path_in_errors():
+    with pytest.raises(ConfigError, match="got network.timeout_s=0.0, network.connect_timeout_s=10.0"):
+        to_run_config(_compose("region=iowa", "network.timeout_s=0"))
+    with pytest.raises(ConfigError, match=r"^sam.band_scaling needs one value per band"):
+        to_run_config(_compose("region=iowa", "sam.band_scaling=[1e-4]"))

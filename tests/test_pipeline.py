@@ -17,7 +17,7 @@ import rasterio
 import shapely
 from hydra import compose, initialize_config_dir
 
-from raysam.config import to_run_config
+from raysam.hydra_config import to_run_config
 from raysam.errors import ConfigError
 from raysam.run import CONF_DIR, run
 
@@ -38,15 +38,6 @@ def run_config(tmp_root: Path, demo_catalog, *overrides: str):
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_run_config(compose("config", overrides=[*base, *overrides]))
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +154,21 @@ def test_rerun_skips_complete_groups_and_changes_nothing(demo_run, demo_catalog)
     [("sam.spatial_overlap=1.5", "spatial_overlap"), ("sam.mask_nms_thr=0", "mask_nms_thr"),
      ("region.time_range=[2024-07-14,2024-06-28]", "time"), ("region.name=../../etc", "safe name")],
 )
-def test_bad_config_fails_fast_and_writes_nothing(tmp_path, demo_catalog, override, message):
+def test_bad_config_is_refused_while_validating(tmp_path, demo_catalog, override, message):
     with pytest.raises(ConfigError, match=message):
-        cfg = run_config(tmp_path / "out", demo_catalog, override)
+        run_config(tmp_path / "out", demo_catalog, override)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("region.geometry='-89.86,41.79,-90.14,41.89'", "is empty or reversed"),  # load_region, first
+     ("region.geometry='-100,20,-75,60'", "km², more than"),
+     ("output.root={blocked}/out", "is not writable")],  # checked last, after search and planning
+)
+def test_bad_input_found_by_run_fails_fast_and_writes_nothing(tmp_path, demo_catalog, override, message):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    cfg = run_config(tmp_path / "out", demo_catalog, override.format(blocked=blocked))  # valid: run() must find it
+    with pytest.raises(ConfigError, match=message):
         run(cfg)
-    assert not (tmp_path / "out").exists()
+    assert sorted(tmp_path.iterdir()) == [blocked] and blocked.read_text() == "not a directory"

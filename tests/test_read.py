@@ -21,9 +21,9 @@ from rasterio.features import geometry_mask
 from raysam.errors import ConfigError, DataError
 from raysam.grid import BandRead, ChipTask, DateGroup, ItemRead, TargetGrid
 from raysam.items import BandAsset, ParsedItem
-from raysam.read import (DEFAULT_DATASET_CACHE_SIZE, ChipPixels, ScalingSpec, SkippedChip,
-                         _aligned_index, compute_stretch, read_band_dn, read_chip,
-                         set_dataset_cache_size)
+from raysam.read import ChipPixels, SkippedChip, _aligned_index, read_band_dn, read_chip
+from raysam.remote_io import DEFAULT_DATASET_CACHE_SIZE, set_dataset_cache_size
+from raysam.scaling import ScalingSpec, compute_stretch
 
 EPSG = 32615
 X0, Y1 = 500_000.0, 4_600_000.0  # target grid origin (multiples of 10 m)

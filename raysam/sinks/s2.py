@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 from rasterio.enums import Resampling
 
-from raysam.grid import WindowPlanner
+from raysam.grid import TargetGrid, WindowPlanner
 from raysam.items import REFLECTANCE_SCALE, canonical_band
-from raysam.grid import TargetGrid
 from raysam.layout import S2_DIR, GroupSpec, s2_tile
-from raysam.read import SCL, NetworkPolicy, Signer, aoi_mask, read_band_dn
+from raysam.read import SCL, aoi_mask, read_band_dn
+from raysam.remote_io import NetworkPolicy, Signer
 from raysam.sinks.cog import tile_transform, write_cog
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
 from raysam.sinks.quicklook import QuicklookFrame, rgb_preview

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from raysam.config import RunConfig, to_run_config
+from raysam.config import RunConfig
+from raysam.hydra_config import to_run_config
 from raysam.run import CONF_DIR
 
 WORKER_CPUS = 2

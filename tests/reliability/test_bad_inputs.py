@@ -2,7 +2,7 @@
 
 Each row provokes one bad input on the real code path: the Hydra config is composed from
 ``conf/`` with the row's overrides (as ``python -m raysam.run`` does), validated by
-:func:`raysam.config.to_run_config` and run by :func:`raysam.run.run`. Every row must end in a
+:func:`raysam.hydra_config.to_run_config` and run by :func:`raysam.run.run`. Every row must end in a
 :class:`~raysam.errors.RaysamError` whose message is one line naming the problem (the
 expected substring) and leave nothing under the output root. Rows whose failure happens inside
 the Ray pipeline (broken COGs, a model whose graphs do not match its manifest) share one local
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from raysam.config import to_run_config
+from raysam.hydra_config import to_run_config
 from raysam.demo.catalog import free_port, serve_catalog
 from raysam.errors import ConfigError, DataError, ModelError, RaysamError
 from raysam.run import CONF_DIR, override_error, run
@@ -325,7 +325,7 @@ def test_cli_verbose_shows_the_traceback(world, tmp_path):
 FULL_DISK_SCRIPT = """
 import resource, signal, sys
 from hydra import compose, initialize_config_dir
-from raysam.config import to_run_config
+from raysam.hydra_config import to_run_config
 from raysam.errors import RaysamError
 from raysam.run import CONF_DIR, run
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead

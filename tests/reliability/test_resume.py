@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -32,8 +30,8 @@ from raysam.storage import locks
 from raysam.storage.locks import claim, keep_alive, lock_path, release
 from raysam.storage.publish import LocalPublisher
 from raysam.storage.root import MARKER, OutputRoot
+from tests.helpers import REPO, child_env, demo_run_command, kill_group, short_tmp_dir
 
-REPO = Path(__file__).resolve().parents[2]
 GROUP_DIR = "demo/run/demo_20240701"
 
 
@@ -172,19 +170,15 @@ VOLATILE_KEYS = ("timings_s", "finished_at", "chips_per_s", "root", "resources",
 
 
 def _command(demo_catalog, out: Path, hydra_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "raysam.run", *RUN_ARGS, f"output.root={out}",
-            f"stac.demo_root={demo_catalog.root.parent}", f"model.path={demo_catalog.root.parent / 'models' / 'demo'}",
-            f"hydra.run.dir={hydra_dir}"]
+    return demo_run_command(demo_catalog, out, hydra_dir, *RUN_ARGS)
 
 
 @pytest.fixture(scope="module")
 def run_env():
     """The runs' environment: a private, short RAY_TMPDIR, so that each run starts its own local
     Ray instead of joining a ``ray start`` cluster of this machine (Ray looks for one there)."""
-    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    yield {**env, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    with short_tmp_dir() as ray_tmp:
+        yield child_env(ray_tmp)
 
 
 def _start(demo_catalog, work: Path, out: Path, name: str, env: dict, *extra: str) -> subprocess.Popen:
@@ -199,15 +193,7 @@ def _finish(proc: subprocess.Popen, timeout_s: float = 900) -> int:
     try:
         return proc.wait(timeout=timeout_s)
     finally:
-        _kill_group(proc)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        kill_group(proc)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 600) -> None:
@@ -234,7 +220,7 @@ def concurrent_runs(tmp_path_factory, demo_catalog, run_env):
         rc_b = _finish(second)
         rc_a = _finish(first)
     finally:
-        _kill_group(first)
+        kill_group(first)
     return out, (rc_a, (work / "a.log").read_text()), (rc_b, (work / "b.log").read_text())
 
 

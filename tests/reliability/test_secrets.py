@@ -8,12 +8,7 @@ for it byte for byte.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -21,8 +16,8 @@ import pytest
 
 from raysam.errors import ConfigError
 from raysam.region import validate_name
+from tests.helpers import child_env, demo_run_command, kill_group, short_tmp_dir
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL_AOI = "-90.035,41.815,-89.965,41.865"  # straddles lon -90; one chip per date
 ONE_DATE = "region.time_range=[2024-06-28,2024-07-05]"
 
@@ -34,25 +29,14 @@ def _planted_key() -> str:
 def _run(tmp_path: Path, demo_catalog, *args: str, env: dict | None = None, model_dir: Path | None = None,
          ) -> subprocess.CompletedProcess:
     """``python -m raysam.run`` in its own process group; whatever it leaves running is killed."""
-    model = model_dir or demo_catalog.root.parent / "models" / "demo"
-    cmd = [sys.executable, "-m", "raysam.run", f"stac.demo_root={demo_catalog.root.parent}", f"model.path={model}",
-           f"hydra.run.dir={tmp_path / 'hydra'}", f"output.root={tmp_path / 'out'}", *args]
+    cmd = demo_run_command(demo_catalog, tmp_path / "out", tmp_path / "hydra", *args, model_dir=model_dir)
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**_base_env(), "PYTHONPATH": str(REPO), **(env or {})})
+                            start_new_session=True, env={**child_env(), **(env or {})})
     try:
         stdout, stderr = proc.communicate(timeout=900)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_group(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
-def _base_env() -> dict[str, str]:
-    """This process's environment without a Ray address (each run starts its own local Ray)."""
-    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PC_SDK_SUBSCRIPTION_KEY")}
 
 
 def _files_holding(needle: str, *roots: Path) -> tuple[list[Path], int]:
@@ -69,10 +53,9 @@ def _files_holding(needle: str, *roots: Path) -> tuple[list[Path], int]:
 
 @pytest.fixture()
 def ray_tmp():
-    """A short, private RAY_TMPDIR (Unix socket paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """A short, private RAY_TMPDIR."""
+    with short_tmp_dir() as path:
+        yield path
 
 
 @pytest.mark.slow

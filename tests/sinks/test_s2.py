@@ -17,8 +17,9 @@ from rasterio.windows import Window
 
 from raysam.demo import catalog
 from raysam.grid import make_date_group, plan_chip_tasks
-from raysam.read import ChipPixels, ScalingSpec, read_band_dn, read_chip, reflectance, to_uint8
 from raysam.layout import GroupSpec
+from raysam.read import ChipPixels, read_band_dn, read_chip
+from raysam.scaling import ScalingSpec, reflectance, to_uint8
 from raysam.sinks.quicklook import QuicklookFrame
 from raysam.sinks.s2 import band_mosaic_xml, write_s2_tile
 from raysam.storage.root import OutputRoot

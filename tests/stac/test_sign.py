@@ -4,6 +4,7 @@ pointed at a local SAS token server (no internet), with caching, re-signing and 
 import http.server
 import json
 import logging
+import pickle
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -12,7 +13,7 @@ from planetary_computer import sas
 from planetary_computer.settings import Settings
 
 from raysam.errors import DataError
-from raysam.stac import StacConfig, make_href_signer
+from raysam.stac import StacConfig, make_href_signer, signer_spec
 
 KEY = "pc-secret-key-0123456789"
 HREF = "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/15/T/YG/2024/07/06/B04_10m.tif"
@@ -109,3 +110,14 @@ def test_refused_token_message_hides_key(token_server):
     assert str(err.value) == ("could not get a Planetary Computer SAS token for sentinel2l2a01/sentinel2-l2 (HTTP 401): "
                               "HTTPError: check the network and PC_SDK_SUBSCRIPTION_KEY / stac.pc_key")
     assert KEY not in str(err.value) and err.value.__cause__ is None
+
+
+def test_workers_sign_with_their_environments_key_never_a_pickled_one(token_server, monkeypatch):
+    spec = signer_spec(StacConfig(pc_key=KEY))
+    blob = pickle.dumps(spec)
+    assert KEY.encode() not in blob
+    monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", "worker-env-key")
+    signer = make_href_signer(pickle.loads(blob))
+    assert signer(HREF) == f"{HREF}?st=x&se=y&sp=rl&sig=tok1"
+    assert token_server.requests == [("/token/sentinel2l2a01/sentinel2-l2", "worker-env-key")]
+    assert make_href_signer(signer_spec(StacConfig(kind="local", url="http://127.0.0.1:1")))(HREF) == HREF

@@ -1,0 +1,54 @@
+"""Helpers shared by test modules that run ``python -m raysam.run`` in a child process.
+
+Fixtures live in the ``conftest.py`` files; these are plain functions they and tests call.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_run_command(demo_catalog, out: Path, hydra_dir: Path, *args: str,
+                     model_dir: Path | None = None) -> list[str]:
+    """``python -m raysam.run`` on the session's demo catalog and demo model, writing under ``out``."""
+    model = model_dir or demo_catalog.root.parent / "models" / "demo"
+    return [sys.executable, "-m", "raysam.run", f"stac.demo_root={demo_catalog.root.parent}", f"model.path={model}",
+            f"hydra.run.dir={hydra_dir}", f"output.root={out}", *args]
+
+
+def child_env(ray_tmp: Path | None = None) -> dict[str, str]:
+    """This process's environment for a child run: without a Ray address (it starts its own local
+    Ray) or a STAC key, this checkout on PYTHONPATH, and ``RAY_TMPDIR`` if given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PC_SDK_SUBSCRIPTION_KEY")}
+    return {**env, "PYTHONPATH": str(REPO), **({"RAY_TMPDIR": str(ray_tmp)} if ray_tmp else {})}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill whatever a run started with ``start_new_session`` left in its process group (Ray's
+    local cluster), then reap the run."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@contextmanager
+def short_tmp_dir() -> Iterator[Path]:
+    """A private directory with a short path under /tmp, removed afterwards (for ``RAY_TMPDIR``:
+    Unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
