@@ -21,13 +21,10 @@ import pyarrow as pa
 from affine import Affine
 
 from raysam.records import unpack_crop
-from raysam.sinks.geoparquet import SCHEMA, GeoParquetWriter
+from raysam.sinks.geoparquet import GeoParquetWriter, polygon_table
 from raysam.sinks.labels import LabelRasterWriter
 from raysam.sinks.quicklook import write_quicklook
 from raysam.sinks.store import OutputRoot
-
-BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
-DETERMINATION_METHOD = "auto-imagery"  # fiboa determination:method for automatic delineation
 
 
 @dataclass
@@ -56,7 +53,7 @@ class GroupWriter:
         self.datetime_utc = datetime.combine(spec.group.date, dtime(0), tzinfo=UTC)
         if spec.group.items:
             self.datetime_utc = min(i.datetime_utc for i in spec.group.items)
-        self.parquet = GeoParquetWriter(self.staging / "masks.parquet")
+        self.parquet = GeoParquetWriter(self.staging / "masks.parquet", spec.group.id)
         self.labels = LabelRasterWriter(
             self.staging / "labels.tif", grid.width, grid.height, Affine(*grid.transform), grid.epsg, self.staging
         )
@@ -72,27 +69,7 @@ class GroupWriter:
         areas = table.column("area").to_numpy()
         for mask_id, box, bits, area in zip(ids, boxes, table.column("mask_bits").to_pylist(), areas, strict=True):
             self.labels.paint(int(mask_id), box, unpack_crop(bits, box), int(area))
-        rows = pa.Table.from_pydict(
-            {
-                "id": ids,
-                "determination:datetime": [self.datetime_utc] * n,
-                "determination:method": [DETERMINATION_METHOD] * n,
-                "metrics:area": table.column("area_m2"),
-                "metrics:perimeter": table.column("perimeter_m"),
-                "predicted_iou": table.column("predicted_iou").cast(pa.float32()),
-                "stability_score": table.column("stability_score").cast(pa.float32()),
-                "chip_id": [f"{r}_{c}" for r, c in zip(table.column("chip_row").to_pylist(), table.column("chip_col").to_pylist())],
-                "utm_crs": [f"EPSG:{self.spec.group.grid.epsg}"] * n,
-                "geometry": table.column("geometry"),
-                "bbox": pa.StructArray.from_arrays(
-                    [table.column(f"bbox_{k}").combine_chunks().cast(pa.float64()) for k in BBOX_FIELDS],
-                    names=list(BBOX_FIELDS),
-                ),
-            },
-            schema=SCHEMA,
-        )
-        for batch in rows.to_batches():
-            self.parquet.write(batch)
+        self.parquet.write(polygon_table(table, ids, self.datetime_utc, self.spec.group.grid.epsg))
         self.count += n
 
     def abort(self) -> None:
