@@ -213,7 +213,8 @@ def _execute(cfg: RunConfig, prepared: Prepared, todo: tuple[GroupPlan, ...],
     base = manifest_base(cfg, prepared)
     specs = {
         g.group.id: GroupSinkSpec(g.group, g.out_dir, cfg.output.sinks, cfg.output.s2_bands,
-                                  plan.fingerprint, plan.run_key, base, signer, cfg.network)
+                                  plan.fingerprint, plan.run_key, base, signer, cfg.network,
+                                  None if cfg.demo_catalog else cfg.stac.api_url)
         for g in todo
     }
     writers: dict[str, GroupWriter] = {}

@@ -24,7 +24,11 @@ from raysam.records import unpack_crop
 from raysam.sinks.geoparquet import GeoParquetWriter, polygon_table
 from raysam.sinks.labels import LabelRasterWriter
 from raysam.sinks.quicklook import write_quicklook
+from raysam.sinks.stac_output import (
+    LABEL_BAND, PolygonOutput, RasterOutput, collection_info, georeference_quicklook, processing_from_manifest,
+    published_group, s2_raster_output, update_collection, write_group_item)
 from raysam.sinks.store import OutputRoot
+from raysam.sinks.style import write_label_style
 
 
 @dataclass
@@ -40,6 +44,7 @@ class GroupSinkSpec:
     manifest_base: dict = field(default_factory=dict)
     signer: Any = None  # signs asset hrefs for the s2_raster reads (raysam.stac.make_href_signer)
     network: Any = None  # raysam.read.NetworkPolicy for those reads (None: its defaults)
+    stac_api_url: str | None = None  # where the items live, for the STAC item's derived_from links
 
 
 class GroupWriter:
@@ -83,13 +88,16 @@ class GroupWriter:
 
         self.parquet.close()
         self.labels.close()
-        s2_dir = None
+        write_label_style(self.staging / "labels", self.count)
+        s2_dir, s2_paths = None, []
         if "s2_raster" in self.spec.sinks:
             s2_dir = self.staging / "s2"
-            write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir, self.spec.signer,
-                             self.spec.network)
+            s2_paths = write_s2_rasters(self.spec.group, self.spec.s2_bands, s2_dir, self.spec.signer,
+                                        self.spec.network)
+        quicklook = None
         if "quicklook" in self.spec.sinks:
             write_quicklook(self.staging / "labels.tif", s2_dir, self.staging / "quicklook.png")
+            quicklook = georeference_quicklook(self.staging / "quicklook.png", self.spec.group.grid)
         manifest = {
             **self.spec.manifest_base,
             "date_group": {
@@ -110,6 +118,15 @@ class GroupWriter:
             "finished_at": datetime.now(UTC).isoformat(),
         }
         (self.staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        published = published_group(
+            self.spec.group, processing_from_manifest(self.spec.manifest_base),
+            labels=RasterOutput("labels", LABEL_BAND, style=True), polygons=PolygonOutput(count=self.count),
+            s2_bands=tuple(s2_raster_output(p, "s2") for p in s2_paths), quicklook=quicklook,
+            stac_api_url=self.spec.stac_api_url)
+        collection_dir = self.spec.out_dir.rsplit("/", 1)[0]
+        collection = collection_info(self.spec.manifest_base, self.spec.run_key)
+        write_group_item(published, collection["collection_id"], self.staging)
         marker = {"fingerprint": self.spec.fingerprint, "masks": self.count, "finished_at": manifest["finished_at"]}
         self.root.publish(self.staging, self.spec.out_dir, marker)
+        update_collection(self.root.fs, collection_dir, **collection)
         return manifest

@@ -17,6 +17,8 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
+from raysam.sinks.style import LABEL_BAND_DESCRIPTION
+
 BLOCK = 512  # COG tile size (GDAL COG driver default)
 
 
@@ -53,6 +55,7 @@ class LabelRasterWriter:
             blockysize=BLOCK, compress="deflate", BIGTIFF="IF_SAFER",
         )
         with rasterio.open(tmp, "w", **profile) as dst:
+            dst.set_band_description(1, LABEL_BAND_DESCRIPTION)
             for row in range(0, self.height, BLOCK * 4):
                 h = min(BLOCK * 4, self.height - row)
                 dst.write(self._labels[row : row + h][None], window=Window(0, row, self.width, h))

@@ -23,6 +23,7 @@ from rasterio.windows import Window
 from raysam.grid import ChipTask, DateGroup, plan_chip_tasks
 from raysam.items import REFLECTANCE_SCALE, canonical_band
 from raysam.read import SCL, NetworkPolicy, Signer, aoi_mask, gdal_env_options, read_band_dn
+from raysam.sinks.style import s2_band_description
 
 TILE_PX = 2048  # window read per step; a multiple of the COG block size
 BLOCK = 512  # COG block side (GDAL's COG default)
@@ -105,7 +106,7 @@ def _to_cog(tmp: Path, final: Path, band_id: str, scale_offset: ScaleOffset) -> 
     """Tag scale/offset and description on the tiled file, copy it to a COG, drop the temp."""
     with rasterio.open(tmp, "r+") as src:
         src.scales, src.offsets = (scale_offset[0],), (scale_offset[1],)
-        src.set_band_description(1, band_id)
+        src.set_band_description(1, s2_band_description(band_id))
     resampling = "NEAREST" if band_id in CATEGORICAL_BANDS else "AVERAGE"
     rasterio.shutil.copy(tmp, final, driver="COG", compress="DEFLATE", predictor="2",
                          overview_resampling=resampling, blocksize=BLOCK, BIGTIFF="IF_SAFER")

@@ -49,6 +49,12 @@ def _to(epsg: int, geom):
 
 def test_one_valid_cog_per_band_on_the_target_grid(demo_group, s2_dir):
     group, _, _ = demo_group
+    descriptions = {
+        "B04": "B04 red: L2A digital number; reflectance = DN * scale + offset",
+        "B03": "B03 green: L2A digital number; reflectance = DN * scale + offset",
+        "B02": "B02 blue: L2A digital number; reflectance = DN * scale + offset",
+        "SCL": "SCL: L2A scene classification (categorical)",
+    }
     for name in ("B04", "B03", "B02", "SCL"):
         with rasterio.open(s2_dir / f"{name}.tif") as src:
             assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
@@ -57,7 +63,7 @@ def test_one_valid_cog_per_band_on_the_target_grid(demo_group, s2_dir):
             assert src.crs.to_epsg() == group.grid.epsg == 32616
             assert tuple(src.transform)[:6] == group.grid.transform
             assert (src.width, src.height) == (group.grid.width, group.grid.height)
-            assert src.descriptions == (name,)
+            assert src.descriptions == (descriptions[name],)
     assert not list(s2_dir.glob(".*"))  # no temporary files left
 
 
