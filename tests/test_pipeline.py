@@ -70,7 +70,8 @@ def test_outputs_are_complete_and_open_in_gis_tools(demo_run):
     assert len(groups) == 2 == metrics["groups_done"]  # two dates
     for d in groups:
         assert sorted(p.name for p in d.iterdir()) == [
-            "_COMPLETE.json", "labels.tif", "manifest.json", "masks.parquet", "quicklook.png", "s2"]
+            "_COMPLETE.json", "item.json", "labels.qml", "labels.tif", "manifest.json", "masks.parquet",
+            "quicklook.pgw", "quicklook.png", "quicklook.png.aux.xml", "s2"]
         masks = gpd.read_parquet(d / "masks.parquet")
         assert masks.crs.to_epsg() == 4326 and len(masks) > 0
         assert json.loads(pq.read_schema(d / "masks.parquet").metadata[b"geo"])["version"] == "1.1.0"
