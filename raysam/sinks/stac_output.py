@@ -283,7 +283,7 @@ def group_item(group: PublishedGroup, collection_id: str) -> pystac.Item:
 def write_group_item(group: PublishedGroup, collection_id: str, group_dir: Path) -> Path:
     """Write :func:`group_item` as ``<group_dir>/item.json`` (call it on the staging directory)."""
     path = Path(group_dir) / ITEM_FILE
-    path.write_text(json.dumps(_to_dict(group_item(group, collection_id)), indent=2))
+    path.write_text(json.dumps(_to_dict(group_item(group, collection_id)), indent=2, default=str))
     return path
 
 

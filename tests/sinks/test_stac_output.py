@@ -116,6 +116,13 @@ def test_stac_validator_rejects_a_broken_item(tmp_path):
     assert not ok and "proj:shape" in report, report
 
 
+def test_stac_validation_is_offline_it_fails_without_the_local_schemas(tmp_path):
+    """Without the schema map stac-validator reaches for the network: the guard blocks it and fails the run."""
+    path = write_group_item(_group("g", 1), "raysam-demo", tmp_path)
+    ok, report = stac_validate(path, schema_map={})
+    assert not ok and "exit 3" in report and "network access attempted" in report, report
+
+
 def test_collection_lists_only_published_groups_and_updates_idempotently(tmp_path):
     root = tmp_path / "run"
     assert _update(root) is None and not root.exists()  # nothing published: nothing written

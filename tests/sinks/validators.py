@@ -67,9 +67,10 @@ def stac_schema_map() -> dict[str, str]:
     return {url: str(path) for url, path in mapping.items()}
 
 
-def stac_validate(path: Path) -> tuple[bool, str]:
+def stac_validate(path: Path, schema_map: dict[str, str] | None = None) -> tuple[bool, str]:
     """``stac-validator validate`` (core and extensions) on one Item or Collection JSON file."""
-    args = [a for url, local in stac_schema_map().items() for a in ("--schema-map", url, local)]
+    schema_map = stac_schema_map() if schema_map is None else schema_map
+    args = [a for url, local in schema_map.items() for a in ("--schema-map", url, local)]
     ok, report = _run(sys.executable, "stac_validator.stac_validator:cli", "validate", *args, path)
     results = json.loads(report[report.index("["):report.rindex("]") + 1]) if "[" in report else []
     return ok and bool(results) and all(r.get("valid_stac") for r in results), report
