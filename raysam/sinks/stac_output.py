@@ -19,7 +19,7 @@ import json
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -166,7 +166,7 @@ class PublishedGroup:
     polygons: PolygonOutput | None = None
     s2_bands: tuple[RasterOutput, ...] = ()
     quicklook: QuicklookOutput | None = None
-    sources: tuple[SourceItem, ...] = field(default=())
+    sources: tuple[SourceItem, ...] = ()
     manifest: bool = True
 
 
