@@ -30,14 +30,18 @@ from raysam import checkpoint, tasks
 from raysam.cells import CellMerged, IdPlan, id_offsets
 from raysam.config import RunConfig
 from raysam.grid import chip_rows
-from raysam.layout import (LABELS_TIF, LABELS_VRT, MANIFEST, GroupSpec, label_tile, polygon_part, s2_tif, s2_tile,
-                           s2_vrt)
+from raysam.layout import (ITEM, LABELS_STYLE, LABELS_TIF, LABELS_VRT, MANIFEST, S2_DIR, GroupSpec, label_tile,
+                           polygon_part, s2_tif, s2_tile, s2_vrt)
 from raysam.plan import GroupPlan
 from raysam.scheduler import TaskQueue
 from raysam.sinks.labels import LABEL_DESCRIPTION, LABEL_NODATA
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
 from raysam.sinks.quicklook import QuicklookFrame
-from raysam.sinks.s2 import CATEGORICAL_BANDS, S2TileWritten, band_ids, band_mosaic_xml
+from raysam.sinks.s2 import CATEGORICAL_BANDS, S2TileWritten, band_ids, band_mosaic_xml, band_scale_offset
+from raysam.sinks.stac_output import (LABEL_BAND, Band, PolygonOutput, PublishedGroup, QuicklookOutput, RasterOutput,
+                                      collection_info, group_item_json, processing_from_manifest, published_group,
+                                      update_collection)
+from raysam.sinks.style import label_style_qml, s2_band_description
 from raysam.storage.publish import LocalPublisher, ObjectStorePublisher
 
 log = logging.getLogger(__name__)
@@ -270,13 +274,35 @@ class GroupJob:
         resources["peak_rss_mb"]["driver"], resources["peak_private_mb"]["driver"] = round(peak, 1), round(private, 1)
         manifest = self._manifest(counts, resources)
         root = self.spec.root
+        if self.masks_on:
+            root.storage.put_bytes(self.spec.out(LABELS_STYLE), label_style_qml(self.progress.ids.total).encode())
         root.write_json(self.spec.out(MANIFEST), manifest)
+        collection = collection_info(self.manifest_base, self.manifest_base["run_key"])
+        root.storage.put_bytes(self.spec.out(ITEM), group_item_json(self._published(), collection["collection_id"]).encode())
         marker = {"fingerprint": self.spec.fingerprint, "masks": self.progress.masks,
                   "finished_at": manifest["finished_at"]}
         self.publisher.publish(root, self.spec.write_dir, self.spec.out_dir, marker)
         self.stage = Stage.PUBLISHED
+        update_collection(root.storage, self.spec.out_dir.rsplit("/", 1)[0], **collection)
         self.on_published(manifest)  # releases the lock
         root.storage.delete_tree(self.spec.work_dir)  # a crash before this is tidied by the next run
+
+    def _published(self) -> PublishedGroup:
+        """What the group published, for its STAC item."""
+        single, grid = self.single_files, self.spec.group.grid
+        labels = RasterOutput("labels", LABEL_BAND, cog=single, mosaic=True, style=True) if self.masks_on else None
+        polygons = PolygonOutput(single_file=single, parts=True, count=self.progress.masks) if self.masks_on else None
+        s2 = []
+        for band_id in band_ids(self.cfg.output.s2_bands) if self.s2_on else ():
+            so = band_scale_offset(band_id, self.progress.s2_tiles)
+            band = Band(band_id, s2_band_description(band_id), "uint16", 0, so[0], so[1])
+            s2.append(RasterOutput(f"{S2_DIR}/{band_id}", band, cog=single, mosaic=True))
+        quicklook = None
+        if "quicklook" in self.cfg.output.sinks:
+            quicklook = QuicklookOutput(self.frame.shape, tuple(self.frame.transform(grid.transform))[:6])
+        api_url = None if self.cfg.demo_catalog else self.cfg.stac.api_url
+        return published_group(self.spec.group, processing_from_manifest(self.manifest_base), labels=labels,
+                               polygons=polygons, s2_bands=tuple(s2), quicklook=quicklook, stac_api_url=api_url)
 
     def _manifest(self, counts: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
         """The group's manifest.json: run-level base, the group, its counts and its own timings."""

@@ -7,7 +7,10 @@ Per date group, under ``<output.root>/<region>/<run key>/``::
         labels.vrt                their mosaic; labels.tif too below output.single_file_max_mpx
         masks/part-<r>_<c>.parquet GeoParquet parts, one per merge cell; masks.parquet below the threshold
         s2/<band>/<r>_<c>.tif     Sentinel-2 COG tiles; s2/<band>.vrt; s2/<band>.tif below the threshold
-        quicklook.png (+ .pgw)    manifest.json    _COMPLETE.json (last)
+        labels.qml                QGIS style of the labels (one colour per id)
+        quicklook.png             with quicklook.pgw and quicklook.png.aux.xml (georeferencing)
+        manifest.json  item.json  _COMPLETE.json (last)
+    collection.json               STAC collection over the published groups
     .work/<group>/                work files, removed when the group publishes
         fingerprint.json  chips/<row>_<col>.parquet  cells/<r>_<c>.parquet  previews/*.npy
 
@@ -26,7 +29,9 @@ from raysam.tiles import CellRC, Tiling, TileRC
 LABELS_DIR, LABELS_VRT, LABELS_TIF = "labels", "labels.vrt", "labels.tif"
 MASKS_DIR, MASKS_PARQUET = "masks", "masks.parquet"
 S2_DIR = "s2"
-QUICKLOOK = "quicklook.png"
+QUICKLOOK, QUICKLOOK_WORLD = "quicklook.png", "quicklook.pgw"
+LABELS_STYLE = "labels.qml"
+ITEM = "item.json"
 MANIFEST = "manifest.json"
 
 

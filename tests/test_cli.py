@@ -39,7 +39,7 @@ def test_multirun_two_by_two_writes_four_complete_outputs(tmp_path, demo_catalog
     assert len(runs) == 4, runs
     counts = []
     for run_dir in runs:
-        (group,) = run_dir.iterdir()
+        (group,) = [p for p in run_dir.iterdir() if p.is_dir()]  # beside collection.json
         assert (group / "_COMPLETE.json").exists()
         counts.append(len(gpd.read_parquet(group / "masks.parquet")))
     assert len(set(counts)) > 1  # the parameters really reached the generator

@@ -398,7 +398,7 @@ def _check_group_outputs(group: Path) -> None:
         labels = src.read(1)
         assert src.dtypes[0] == "uint32" and src.crs is not None
     ids = set(np.unique(labels)) - {0}
-    assert ids and ids <= set(masks["id"].astype("uint64"))
+    assert ids and ids <= set(masks["label_id"])
     assert isinstance(json.loads((group / "manifest.json").read_text()), dict)
 
 

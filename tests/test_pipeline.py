@@ -61,18 +61,19 @@ def test_outputs_are_complete_and_open_in_gis_tools(demo_run):
     assert len(groups) == 2 == metrics["groups_done"]  # two dates
     for d in groups:
         assert sorted(p.name for p in d.iterdir()) == [
-            "_COMPLETE.json", "labels", "labels.tif", "labels.vrt", "manifest.json", "masks", "masks.parquet",
-            "quicklook.pgw", "quicklook.png", "s2"]
+            "_COMPLETE.json", "item.json", "labels", "labels.qml", "labels.tif", "labels.vrt", "manifest.json",
+            "masks", "masks.parquet", "quicklook.pgw", "quicklook.png", "quicklook.png.aux.xml", "s2"]
         masks = gpd.read_parquet(d / "masks.parquet")
         assert masks.crs.to_epsg() == 4326 and len(masks) > 0
         assert json.loads(pq.read_schema(d / "masks.parquet").metadata[b"geo"])["version"] == "1.1.0"
-        assert list(masks["id"]) == list(range(1, len(masks) + 1))
+        assert list(masks["label_id"]) == list(range(1, len(masks) + 1))  # the label raster's ids
+        assert list(masks["id"]) == [str(i) for i in masks["label_id"]]  # fiboa's id: a string
         assert set(masks["determination:method"]) == {"auto-imagery"}
         assert masks.geometry.is_valid.all()
         with rasterio.open(d / "labels.tif") as src:
             assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.dtypes[0] == "uint32"
             labels = src.read(1)
-            assert set(np.unique(labels)) - {0} <= set(masks["id"])
+            assert set(np.unique(labels)) - {0} <= set(masks["label_id"])
         manifest = json.loads((d / "manifest.json").read_text())
         counts = manifest["counts"]
         assert counts["masks_after_merge"] == len(masks) <= counts["masks_before_merge"]

@@ -59,7 +59,7 @@ def write_cell_outputs(spec: GroupSpec, cell: CellRC, first_ids: Mapping[CellRC,
     ids = first_ids[cell] + np.arange(own.num_rows, dtype=np.int64)
     writer_rows = polygon_table(own, ids, datetime_utc, spec.group.grid.epsg)
     with spec.root.storage.put_file(spec.out(polygon_part(cell))) as local:
-        writer = GeoParquetWriter(local)
+        writer = GeoParquetWriter(local, spec.group.id)
         writer.write(writer_rows)
         writer.close()
     kept = {cell: (own.select(list(_LABEL_COLUMNS)), ids)}

@@ -20,10 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysam.layout import MASKS_PARQUET, QUICKLOOK, GroupSpec
+from raysam.layout import MASKS_PARQUET, QUICKLOOK, QUICKLOOK_WORLD, GroupSpec
 from raysam.sinks.cog import cog_from_mosaic
 from raysam.sinks.geoparquet import GeoParquetWriter
-from raysam.sinks.quicklook import QuicklookFrame, png_bytes, render, world_file
+from raysam.sinks.quicklook import QuicklookFrame, png_bytes, render
+from raysam.sinks.style import georeferencing
 from raysam.tiles import TileRC
 
 
@@ -54,7 +55,7 @@ def single_parquet(spec: GroupSpec, part_rels: Sequence[str]) -> float:
     """Concatenate the GeoParquet parts (in the given, id, order) into ``masks.parquet``; returns seconds."""
     t0 = time.perf_counter()
     with spec.root.storage.put_file(spec.out(MASKS_PARQUET)) as local:
-        writer = GeoParquetWriter(local)
+        writer = GeoParquetWriter(local, spec.group.id)
         for rel in part_rels:
             writer.write(pq.read_table(pa.BufferReader(spec.root.storage.read_bytes(spec.out(rel)))))
         writer.close()
@@ -66,9 +67,10 @@ def write_quicklook(spec: GroupSpec, frame: QuicklookFrame, label_tiles: Sequenc
     """Render ``quicklook.png`` and its world file from the tiles' previews; returns seconds."""
     t0 = time.perf_counter()
     image = render(frame, _previews(spec, "labels", label_tiles), _previews(spec, "rgb", rgb_tiles))
+    world, aux = georeferencing(frame.transform(spec.group.grid.transform), spec.group.grid.crs)
     spec.root.storage.put_bytes(spec.out(QUICKLOOK), png_bytes(image))
-    spec.root.storage.put_bytes(spec.out(QUICKLOOK[:-4] + ".pgw"),
-                                world_file(frame.transform(spec.group.grid.transform)).encode())
+    spec.root.storage.put_bytes(spec.out(QUICKLOOK_WORLD), world.encode())
+    spec.root.storage.put_bytes(spec.out(QUICKLOOK + ".aux.xml"), aux.encode())
     return time.perf_counter() - t0
 
 

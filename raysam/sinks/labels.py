@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from raysam.records import unpack_crop
+from raysam.sinks.style import LABEL_BAND_DESCRIPTION as LABEL_DESCRIPTION
 
 LABEL_NODATA = 0  # background
-LABEL_DESCRIPTION = "mask id (label_id in the polygons; 0 = no mask)"
 
 
 def paint_labels(window_px: Sequence[int], box_xyxy: np.ndarray, mask_bits: Sequence, area: np.ndarray,

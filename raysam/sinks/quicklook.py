@@ -4,7 +4,7 @@ Nothing here reads a full-resolution raster. Each sink tile task, which holds it
 anyway, keeps a quicklook-sized preview of it (:func:`label_preview`: ids sampled at the
 quicklook's pixel centres; :func:`rgb_preview`: reflectance DNs averaged over each quicklook
 pixel); :func:`render` stitches the previews, stretches the RGB 2-98 % and draws the label
-boundaries. The PNG gets a world file (``.pgw``) so GIS tools place it.
+boundaries. The PNG is georeferenced by a world file and an ``.aux.xml`` (:func:`raysam.sinks.style.georeferencing`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from affine import Affine
 from PIL import Image
+
+from raysam.sinks.style import quicklook_transform
 
 OUTLINE_RGB = (255, 220, 0)
 NO_IMAGE_GREY = 64  # background where no RGB bands were written
@@ -51,8 +53,7 @@ class QuicklookFrame:
 
     def transform(self, grid_transform: Sequence[float]) -> Affine:
         """The quicklook's affine (for its world file)."""
-        out_h, out_w = self.shape
-        return Affine(*grid_transform[:6]) @ Affine.scale(self.width / out_w, self.height / out_h)
+        return quicklook_transform(grid_transform, (self.height, self.width), self.shape)
 
 
 def label_preview(labels: np.ndarray, window_px: Sequence[int], frame: QuicklookFrame) -> np.ndarray:
@@ -118,9 +119,3 @@ def png_bytes(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def world_file(transform: Affine) -> str:
-    """An ESRI world file (``.pgw``): pixel sizes, rotations and the centre of the top-left pixel."""
-    centre = transform * (0.5, 0.5)
-    return "\n".join(f"{v:.10f}" for v in (transform.a, transform.d, transform.b, transform.e, *centre)) + "\n"

@@ -26,6 +26,7 @@ from raysam.remote_io import NetworkPolicy, Signer
 from raysam.sinks.cog import tile_transform, write_cog
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
 from raysam.sinks.quicklook import QuicklookFrame, rgb_preview
+from raysam.sinks.style import s2_band_description
 from raysam.tiles import TileRC
 
 CATEGORICAL_BANDS = (SCL,)  # read nearest, never interpolated
@@ -81,7 +82,7 @@ def write_s2_tile(spec: GroupSpec, tile: TileRC, bands: Sequence[str], frame: Qu
             scale_offset[band_id] = (read.scale, read.offset_dn * read.scale)
         so = scale_offset.get(band_id, default_scale_offset(band_id))
         write_cog(spec.root.storage, spec.out(s2_tile(band_id, tile)), dn, transform, spec.group.grid.epsg,
-                  nodata=0, description=band_id, overview_resampling="NEAREST" if band_id in CATEGORICAL_BANDS else "AVERAGE",
+                  nodata=0, description=s2_band_description(band_id), overview_resampling="NEAREST" if band_id in CATEGORICAL_BANDS else "AVERAGE",
                   predictor=2, scale_offset=so)
         if band_id in QUICKLOOK_BANDS:
             preview[band_id] = dn
@@ -96,9 +97,14 @@ def write_s2_tile(spec: GroupSpec, tile: TileRC, bands: Sequence[str], frame: Qu
 def band_mosaic_xml(grid: TargetGrid, band_id: str, tiles: Sequence[S2TileWritten]) -> str:
     """The VRT of one band over its tiles, to be stored as ``s2/<band>.vrt`` (tile paths relative to it).
 
-    Its scale/offset is the first tile's that had data (every tile carries its own as well).
+    Every tile carries its own scale/offset as well.
     """
-    tiles = sorted(tiles, key=lambda r: r.tile)
-    so = next((r.scale_offset[band_id] for r in tiles if band_id in r.scale_offset), default_scale_offset(band_id))
-    rel = [(s2_tile(band_id, r.tile)[len(S2_DIR) + 1:], r.window_px) for r in tiles]
-    return vrt_xml(grid.width, grid.height, grid.transform, grid.epsg, MosaicBand("uint16", 0, band_id, so), rel)
+    band = MosaicBand("uint16", 0, s2_band_description(band_id), band_scale_offset(band_id, tiles))
+    rel = [(s2_tile(band_id, r.tile)[len(S2_DIR) + 1:], r.window_px) for r in sorted(tiles, key=lambda r: r.tile)]
+    return vrt_xml(grid.width, grid.height, grid.transform, grid.epsg, band, rel)
+
+
+def band_scale_offset(band_id: str, tiles: Sequence[S2TileWritten]) -> ScaleOffset:
+    """A band's scale/offset for its mosaic: the first tile's (in tile order) that had the band."""
+    return next((r.scale_offset[band_id] for r in sorted(tiles, key=lambda r: r.tile) if band_id in r.scale_offset),
+                default_scale_offset(band_id))

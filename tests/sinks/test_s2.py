@@ -62,6 +62,12 @@ def _to(epsg: int, geom):
 
 def test_one_valid_cog_per_band_and_tile_mosaicked_on_the_target_grid(demo_group, s2_dir):
     group, _, _ = demo_group
+    descriptions = {
+        "B04": "B04 red: L2A digital number; reflectance = DN * scale + offset",
+        "B03": "B03 green: L2A digital number; reflectance = DN * scale + offset",
+        "B02": "B02 blue: L2A digital number; reflectance = DN * scale + offset",
+        "SCL": "SCL: L2A scene classification (categorical)",
+    }
     for name in ("B04", "B03", "B02", "SCL"):
         tiles = sorted((s2_dir / name).glob("*.tif"))
         assert [t.name for t in tiles] == ["000_000.tif", "000_001.tif"]
@@ -69,13 +75,13 @@ def test_one_valid_cog_per_band_and_tile_mosaicked_on_the_target_grid(demo_group
             with rasterio.open(tile) as src:
                 assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
                 assert src.overviews(1), f"{tile}: no overviews"
-                assert src.descriptions == (name,)
+                assert src.descriptions == (descriptions[name],)
         with rasterio.open(s2_dir / f"{name}.vrt") as src:  # the mosaic: one raster on the grid
             assert src.dtypes[0] == "uint16" and src.nodata == 0 and src.count == 1
             assert src.crs.to_epsg() == group.grid.epsg == 32616
             assert tuple(src.transform)[:6] == group.grid.transform
             assert (src.width, src.height) == (group.grid.width, group.grid.height)
-            assert src.descriptions == (name,)
+            assert src.descriptions == (descriptions[name],)
     assert not list(s2_dir.rglob(".*"))  # no temporary files left
 
 

@@ -16,7 +16,7 @@ from affine import Affine
 from raysam.errors import ConfigError
 from raysam.records import pack_crop
 from raysam.sinks.cog import tile_transform, write_cog
-from raysam.sinks.geoparquet import SCHEMA, GeoParquetWriter
+from raysam.sinks.geoparquet import GeoParquetWriter, polygon_table
 from raysam.sinks.labels import paint_labels
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
 from raysam.sinks.polygons import ToWgs84, mask_to_polygon_utm
@@ -39,23 +39,24 @@ def test_polygon_of_a_mask_with_a_hole_has_exact_area_and_place():
     assert -94 < lonlat.centroid.x < -92 and 41 < lonlat.centroid.y < 42  # 15N, ~41.5 N
 
 
-def _rows(geoms):
+def _rows(geoms, first_id=1):
+    """Polygon rows of merged records (the columns a cell shard holds: raysam.cells.CELL_SCHEMA) for ``geoms``."""
     n = len(geoms)
-    bounds = [g.bounds for g in geoms]
-    return pa.RecordBatch.from_pydict({
-        "id": np.arange(1, n + 1), "determination:datetime": pa.array([datetime(2024, 7, 1, 17, tzinfo=UTC)] * n, pa.timestamp("us", tz="UTC")),
-        "determination:method": ["auto-imagery"] * n, "metrics:area": [1.0] * n, "metrics:perimeter": [4.0] * n,
-        "predicted_iou": np.full(n, 0.9, np.float32), "stability_score": np.full(n, 0.97, np.float32),
-        "chip_id": ["0_0"] * n, "utm_crs": ["EPSG:32615"] * n, "geometry": [shapely.to_wkb(g) for g in geoms],
-        "bbox": [dict(zip(("xmin", "ymin", "xmax", "ymax"), b)) for b in bounds],
-    }, schema=SCHEMA)
+    bounds = np.array([g.bounds for g in geoms])
+    records = pa.table({
+        "area_m2": np.full(n, 1.0), "perimeter_m": np.full(n, 4.0), "predicted_iou": np.full(n, 0.9, np.float32),
+        "stability_score": np.full(n, 0.97, np.float32), "chip_row": [0] * n, "chip_col": [0] * n,
+        "geometry": [shapely.to_wkb(g) for g in geoms],
+        **{f"bbox_{k}": bounds[:, i] for i, k in enumerate(("xmin", "ymin", "xmax", "ymax"))},
+    })
+    return polygon_table(records, np.arange(first_id, first_id + n), datetime(2024, 7, 1, 17, tzinfo=UTC), 32615)
 
 
 def test_geoparquet_is_1_1_and_reads_back_in_geopandas(tmp_path):
     geoms = [shapely.box(-93.0 + i * 0.01, 41.0, -92.995 + i * 0.01, 41.005) for i in range(5)]
-    writer = GeoParquetWriter(tmp_path / "m.parquet", row_group_size=2)
+    writer = GeoParquetWriter(tmp_path / "m.parquet", "g1", row_group_size=2)
     writer.write(_rows(geoms[:3]))
-    writer.write(_rows(geoms[3:]))
+    writer.write(_rows(geoms[3:], first_id=4))
     writer.close()
     geo = json.loads(pq.read_schema(tmp_path / "m.parquet").metadata[b"geo"])
     assert geo["version"] == "1.1.0" and geo["columns"]["geometry"]["encoding"] == "WKB"
