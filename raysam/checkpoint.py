@@ -60,6 +60,25 @@ class ChipOutcome:
     sam_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where one date group's chip checkpoints go: all a read task or SAM actor needs of the group.
+
+    Attributes:
+        root: the output root (pickles as its URI).
+        work_dir: the group's work directory.
+        fingerprint: the group fingerprint the shards carry.
+    """
+
+    root: OutputRoot
+    work_dir: str
+    fingerprint: str
+
+    def write(self, outcome: ChipOutcome, records: pa.Table) -> None:
+        """:func:`write_shard` into this group's work directory."""
+        write_shard(self.root, self.work_dir, self.fingerprint, outcome, records)
+
+
 def work_dir(collection_dir: str, group_name: str) -> str:
     """The work directory of a date group: ``<collection>/.work/<group>``."""
     return f"{collection_dir}/{WORK_DIR}/{group_name}"

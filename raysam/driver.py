@@ -25,8 +25,10 @@ from typing import Any
 import raysam
 from raysam.checkpoint import WORK_DIR
 from raysam.config import RunConfig, redacted
+from raysam.console import route_ray_logs
 from raysam.errors import ConfigError
 from raysam.plan import GroupPlan, RunPlan, chip_bands, claim_todo, describe, plan_run
+from raysam.progress import RunProgress
 from raysam.region import Region, load_region
 from raysam.storage.locks import keep_alive, release, release_all
 from raysam.storage.root import OutputRoot
@@ -118,9 +120,11 @@ def init_ray(cfg: RunConfig) -> None:
     # No address: the cluster of a `ray job submit` (RAY_ADDRESS), else a fresh local instance,
     # never whatever `ray start` cluster happens to run on this machine (use ray=cluster for that).
     address = cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
-    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "include_dashboard": False}
+    kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "include_dashboard": False,
+                              "configure_logging": False}  # Ray's records go through our handlers (raysam.console)
     if cfg.ray.object_store_gb and address == "local":
         kwargs["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
+    route_ray_logs()
     ray.init(**{k: v for k, v in kwargs.items() if v is not None or k == "address"})
 
 
@@ -224,6 +228,7 @@ class RunController:
         for g in plan.groups:
             if g.complete:
                 log.info("date group %s is complete in %s: skipped", g.group.id, g.out_dir)
+        self.progress = RunProgress([(g.group.id, g.area_km2) for g in todo])
         self.metrics: dict[str, Any] = {
             "groups_done": 0, "groups_skipped": len(plan.groups) - len(todo), "chips_segmented": 0,
             "chips_resumed": 0, "chips_skipped": 0, "masks": 0, "area_km2": sum(g.area_km2 for g in todo),
@@ -272,6 +277,7 @@ class RunController:
                             kept, self.prepared.plan.collection_dir, WORK_DIR)
             raise
         finally:
+            self.progress.close()
             ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh
         self.metrics["pipeline_s"] = time.perf_counter() - t0
         return self.metrics
@@ -282,10 +288,12 @@ class RunController:
 
         from raysam.groupjob import Stage
 
+        n_rows = {job.group_id: job.n_chip_rows for job in jobs}
         while any(job.stage is not Stage.PUBLISHED for job in jobs):
             if stream.error is not None:
                 raise stream.error
             progress = ray.get(stats.progress.remote())
+            self.progress.update(progress, n_rows)
             previous_in = True
             for job in jobs:
                 if previous_in and job.stage is Stage.WAITING:
@@ -309,6 +317,4 @@ class RunController:
         for key in ("chips_segmented", "chips_resumed", "chips_skipped"):
             self.metrics[key] += counts[key]
         self.metrics["masks"] += counts["masks_after_merge"]
-        log.info("date group %s: %d masks from %d chips (%d resumed, %d skipped) -> published",
-                 gid, counts["masks_after_merge"], counts["chips_planned"], counts["chips_resumed"],
-                 counts["chips_skipped"])
+        self.progress.published(manifest)

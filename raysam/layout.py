@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raysam.checkpoint import ShardTarget
 from raysam.grid import DEFAULT_CHIP_SIZE, DateGroup
 from raysam.storage.root import OutputRoot
 from raysam.tiles import CellRC, Tiling, TileRC
@@ -88,6 +89,11 @@ class GroupSpec:
     @property
     def tiling(self) -> Tiling:
         return Tiling.of(self.group.grid, self.chip_px)
+
+    @property
+    def shards(self) -> ShardTarget:
+        """Where the group's chip checkpoints go (what the front half's tasks get)."""
+        return ShardTarget(self.root, self.work_dir, self.fingerprint)
 
     def out(self, rel: str) -> str:
         """A path under the directory writers fill."""

@@ -54,12 +54,12 @@ TRANSIENT_ERROR_PATTERN = (
     r"^(?:[\w.]*UserCodeException: UDF failed to process a data block\. )?(?:\w+\.)*(?:"
     + "|".join(TRANSIENT_ERRORS) + r")(?::|$)"
 )
-# Heap a chip read needs beyond its worker's baseline: 4 bands of 1024 x 1024 (DN, reflectance
-# float32, masks) plus GDAL's warp buffers, ~100 MB; reserved so that many concurrent reads
-# cannot oversubscribe a node's memory. Differing from the SAM stage's reservation, it also
+# Memory a chip-read worker uses: ~390 MB measured (Ray Data's issue detector, demo region): the
+# worker's baseline plus 4 bands of 1024 x 1024 (DN, reflectance float32, masks) and GDAL's warp
+# buffers; reserved so that many concurrent reads cannot oversubscribe a node's memory. Differing from the SAM stage's reservation, it also
 # keeps Ray Data from fusing the reads into the SAM actors (which it does for operators with
 # equal resources), so chips are read by CPU tasks while the actors segment.
-READ_TASK_MEMORY_BYTES = 256 * 1024**2
+READ_TASK_MEMORY_BYTES = 512 * 1024**2
 
 
 def configure_retries(ctx: Any, ray_cfg: RayConfig) -> None:
@@ -133,7 +133,7 @@ def _signer(stac_cfg: Any) -> Any:
     return make_href_signer(stac_cfg)
 
 
-def read_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], scaling: dict, signer_cfg: Any,
+def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.ShardTarget], scaling: dict, signer_cfg: Any,
                max_cloud_fraction: float, network: Any = None) -> dict:
     """Chip tasks -> chip pixels (RGB uint8 + valid mask); a skipped chip is checkpointed as skipped."""
     from raysam.read import read_chip
@@ -148,9 +148,8 @@ def read_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], sca
                            network=network)
         chip = records.chip_key(task.chip_id)
         if getattr(result, "rgb", None) is None:
-            spec = specs[task.date_group_id]
             outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SKIPPED, result.reason)
-            checkpoint.write_shard(spec.root, spec.work_dir, spec.fingerprint, outcome, records.empty_records())
+            shards[task.date_group_id].write(outcome, records.empty_records())
             stats.chip_skipped.remote(task.date_group_id, chip, result.reason, time.perf_counter() - t0,
                                       process_info("read"))
             continue
@@ -175,13 +174,13 @@ class SamStage:
     fault-injection tests, 0 by default.
     """
 
-    def __init__(self, model_source: ModelSource, amg_params: dict, device: str, specs: Mapping[str, GroupSpec],
+    def __init__(self, model_source: ModelSource, amg_params: dict, device: str, shards: Mapping[str, checkpoint.ShardTarget],
                  threads: int | None = None):
         from raysam.sam import AutomaticMaskGenerator, load_model
 
         self.model = load_model(model_source.materialise(), device=device, intra_op_threads=threads)
         self.generator = AutomaticMaskGenerator(self.model, **amg_params)
-        self.specs = specs
+        self.shards = shards
         self.delay_s = float(os.environ.get(SAM_CHIP_DELAY_ENV) or 0.0)
         self.stats = _stats()
         ray.get(self.stats.model_loaded.remote(os.getpid(), ray.get_runtime_context().get_node_id()))
@@ -197,10 +196,9 @@ class SamStage:
             time.sleep(self.delay_s)
             prompts = int(getattr(masks, "n_prompts", 0))
             seconds = time.perf_counter() - t0
-            spec = self.specs[task.date_group_id]
             outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SEGMENTED, "", chip_records.num_rows,
                                              prompts, round(seconds, 3))
-            checkpoint.write_shard(spec.root, spec.work_dir, spec.fingerprint, outcome, chip_records)
+            self.shards[task.date_group_id].write(outcome, chip_records)
             chip = records.chip_key(task.chip_id)
             self.stats.chip_segmented.remote(task.date_group_id, chip, chip_records.num_rows, prompts, seconds,
                                              process_info("sam"))
@@ -239,12 +237,13 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
     rows = [{"date_group_id": gid, "chip_row": r} for gid, s in specs.items()
             for r in range(chip_rows(s.group.grid, spatial_overlap=overlap))]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
+    shards = {gid: s.shards for gid, s in specs.items()}
     ds = ds.map_batches(plan_stage, batch_size=1, num_cpus=0.25, fn_kwargs={"specs": specs, "resume": dict(resume)})
     ds = ds.map_batches(
         read_stage,
         batch_size=1,
         num_cpus=cfg.ray.read_cpus,
-        fn_kwargs={"specs": specs, "scaling": scaling, "signer_cfg": signer_spec(cfg.stac),
+        fn_kwargs={"shards": shards, "scaling": scaling, "signer_cfg": signer_spec(cfg.stac),
                    "max_cloud_fraction": cfg.chip.max_cloud_fraction, "network": cfg.network},
         memory=READ_TASK_MEMORY_BYTES,
         compute=ray.data.TaskPoolStrategy(size=cfg.ray.read_concurrency),
@@ -257,7 +256,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
         num_gpus=cfg.ray.gpus_per_actor,
         num_cpus=cfg.ray.cpus_per_actor,
         fn_constructor_kwargs={"model_source": model_source, "amg_params": asdict(cfg.amg), "device": cfg.device,
-                               "specs": specs, "threads": sam_threads(cfg.ray)},
+                               "shards": shards, "threads": sam_threads(cfg.ray)},
     )
 
 
