@@ -161,16 +161,6 @@ def manifest_base(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     }
 
 
-def group_scaling(cfg: RunConfig, group: Any, signer: Any) -> Any:
-    """The date group's RGB scaling: computed once per group, never per chip."""
-    from raysam.scaling import compute_stretch
-
-    scaling = cfg.chip.scaling
-    if scaling.mode == "stretch":
-        return compute_stretch(group, scaling.band_names, signer=signer, base=scaling, network=cfg.network)
-    return scaling
-
-
 def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     """Claim the incomplete date groups (one lock each), then segment, merge, write and publish them.
 
@@ -246,6 +236,7 @@ class RunController:
         from raysam.pipeline import chip_dataset, model_source_for
         from raysam.runstats import STATS_ACTOR, RunStats
         from raysam.scheduler import TaskQueue
+        from raysam.stac import signer_spec
         from raysam.storage.publish import publisher_for
 
         t0 = time.perf_counter()
@@ -255,7 +246,8 @@ class RunController:
         publisher = publisher_for(root)
         queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
         base = manifest_base(cfg, self.prepared)
-        scaling_refs = [tasks.group_scaling.remote(cfg, g.group) for g in self.todo]
+        signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
+        scaling_refs = [tasks.group_scaling.remote(cfg.chip.scaling, g.group, signer, cfg.network) for g in self.todo]
         jobs: list[GroupJob] = []
         try:
             for i, g in enumerate(self.todo):

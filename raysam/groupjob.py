@@ -42,6 +42,7 @@ from raysam.sinks.stac_output import (LABEL_BAND, Band, PolygonOutput, Published
                                       collection_info, group_item_json, processing_from_manifest, published_group,
                                       update_collection)
 from raysam.sinks.style import label_style_qml, s2_band_description
+from raysam.stac import signer_spec
 from raysam.storage.publish import LocalPublisher, ObjectStorePublisher
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class GroupJob:
         bands = band_ids(self.cfg.output.s2_bands)
         for tile in self.tiles:
             self._submit(3, lambda t=tile: self._remote(tasks.write_s2_tile).remote(
-                self.spec, t, bands, self.frame, self.cfg.stac, self.cfg.network), self._s2_written)
+                self.spec, t, bands, self.frame, signer_spec(self.cfg.stac), self.cfg.network), self._s2_written)
 
     def observe(self, rows_planned: int, chips_planned: int, chips_done: int) -> None:
         """Progress from :meth:`raysam.runstats.RunStats.progress`; starts the merge when all chips are in."""

@@ -172,3 +172,12 @@ def _aoi_in_crs(group: DateGroup, crs: Any) -> shapely.Geometry:
     transformer = pyproj.Transformer.from_crs(group.grid.epsg, crs, always_xy=True)
     return shapely.transform(
         aoi, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+def group_scaling(scaling: ScalingSpec, group: DateGroup, signer: Signer | None = None,
+                  network: NetworkPolicy | None = None) -> ScalingSpec:
+    """A date group's RGB scaling: ``scaling`` itself, or its per-group stretch (computed once per
+    group, never per chip, so neighbouring chips see the same colours)."""
+    if scaling.mode == "stretch":
+        return compute_stretch(group, scaling.band_names, signer=signer, base=scaling, network=network)
+    return scaling

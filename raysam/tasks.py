@@ -19,19 +19,20 @@ _REMOTE = {"max_retries": -1, "retry_exceptions": False}
 
 
 @functools.lru_cache(maxsize=4)
-def worker_signer(stac_cfg: Any) -> Any:
-    """One href signer per worker process, so signed tokens are reused across reads."""
+def worker_signer(spec: Any) -> Any:
+    """One href signer per worker process (from a key-free :class:`raysam.stac.SignerSpec`), so
+    signed tokens are reused across reads."""
     from raysam.stac import make_href_signer
 
-    return make_href_signer(stac_cfg)
+    return make_href_signer(spec)
 
 
 @ray.remote(**_REMOTE)
-def group_scaling(cfg: Any, group: Any) -> Any:
-    """The date group's RGB scaling (:func:`raysam.driver.group_scaling`), computed on a worker."""
-    from raysam.driver import group_scaling as compute
+def group_scaling(scaling: Any, group: Any, signer: Any, network: Any) -> Any:
+    """The date group's RGB scaling (:func:`raysam.scaling.group_scaling`), computed on a worker."""
+    from raysam.scaling import group_scaling as compute
 
-    out = compute(cfg, group, worker_signer(cfg.stac))
+    out = compute(scaling, group, worker_signer(signer), network)
     report_peak("plan")
     return out
 
@@ -68,12 +69,12 @@ def write_cell(spec: Any, cell: tuple[int, int], first_ids: dict, resolved_kept:
 
 
 @ray.remote(**_REMOTE)
-def write_s2_tile(spec: Any, tile: tuple[int, int], bands: tuple[str, ...], frame: Any, stac_cfg: Any,
+def write_s2_tile(spec: Any, tile: tuple[int, int], bands: tuple[str, ...], frame: Any, signer: Any,
                   network: Any) -> Any:
-    """:func:`raysam.sinks.s2.write_s2_tile`."""
+    """:func:`raysam.sinks.s2.write_s2_tile` (``signer``: a key-free :class:`raysam.stac.SignerSpec`)."""
     from raysam.sinks.s2 import write_s2_tile as write
 
-    out = write(spec, tile, bands, frame, worker_signer(stac_cfg), network)
+    out = write(spec, tile, bands, frame, worker_signer(signer), network)
     report_peak("sink")
     return out
 

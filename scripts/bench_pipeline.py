@@ -42,10 +42,11 @@ def _run_config(overrides: list[str]):
 def bare_loop(overrides: list[str]) -> tuple[int, float]:
     """Chips and seconds for plan -> read -> SAM -> records, one chip after another, no Ray."""
     from raysam import records
-    from raysam.driver import group_scaling, prepare
+    from raysam.driver import prepare
     from raysam.plan import iter_chip_tasks
     from raysam.read import read_chip
     from raysam.sam import AutomaticMaskGenerator, load_model
+    from raysam.scaling import group_scaling
 
     cfg = _run_config(overrides)
     prepared = prepare(cfg)
@@ -54,7 +55,7 @@ def bare_loop(overrides: list[str]) -> tuple[int, float]:
     chips = 0
     t0 = time.perf_counter()
     for g in prepared.plan.groups:
-        scaling = group_scaling(cfg, g.group, None)
+        scaling = group_scaling(cfg.chip.scaling, g.group, None, cfg.network)
         for task in iter_chip_tasks(cfg, g.group):
             pixels = read_chip(task, scaling=scaling, max_cloud_fraction=cfg.chip.max_cloud_fraction)
             if pixels.rgb is None:

@@ -13,6 +13,7 @@ multipart upload that completes at close). Readers therefore see a whole file or
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -22,6 +23,32 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from raysam.errors import ConfigError
+
+
+# "No space left on device", "File too large" (a file-size limit), "Disk quota exceeded".
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXTS = ("No space left", "File too large", "quota exceeded")
+
+
+def storage_error(base: str, err: BaseException) -> ConfigError:
+    """One line for a failed write under the output root: full (ENOSPC/EFBIG/EDQUOT) or not writable."""
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    if getattr(err, "errno", None) in _FULL_ERRNOS or any(t.lower() in first.lower() for t in _FULL_TEXTS):
+        return ConfigError(f"output root {base!r} is full or cannot be written ({first}): free space, "
+                           "raise the quota or choose another output.root")
+    return ConfigError(f"output root {base!r} is not writable: {first}")
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn a failed write (full disk, quota, permissions, a refused PUT) into :func:`storage_error`'s
+    one line: it is not cured by retrying, and every task writing there would fail the same way."""
+    try:
+        yield
+    except OSError as err:
+        raise storage_error(path.rsplit("/", 1)[0], err) from None
 
 
 def _tmp_name(path: str) -> str:
@@ -42,11 +69,13 @@ class LocalStorage:
     @contextlib.contextmanager
     def put_file(self, path: str) -> Iterator[Path]:
         """Yield a local path to write; on success it replaces ``path`` atomically, else it is removed."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with _writing(path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(_tmp_name(path))
         try:
-            yield tmp
-            os.replace(tmp, path)
+            with _writing(path):
+                yield tmp
+                os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -154,7 +183,7 @@ class ObjectStorage:
         self.fs = fs
 
     def put_bytes(self, path: str, data: bytes) -> None:
-        with self.fs.open_output_stream(path) as out:
+        with _writing(path), self.fs.open_output_stream(path) as out:
             out.write(data)
 
     @contextlib.contextmanager
@@ -165,7 +194,7 @@ class ObjectStorage:
         local = Path(name)
         try:
             yield local
-            with self.fs.open_output_stream(path) as out, local.open("rb") as src:
+            with _writing(path), self.fs.open_output_stream(path) as out, local.open("rb") as src:
                 shutil.copyfileobj(src, out, length=1 << 22)
         finally:
             local.unlink(missing_ok=True)

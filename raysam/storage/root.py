@@ -9,30 +9,15 @@ one reopen the filesystem in their own process, so no credentials travel in task
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import uuid
 from dataclasses import dataclass
 
 from raysam.errors import ConfigError
-from raysam.storage.backends import Storage, open_storage
+from raysam.storage.backends import Storage, open_storage, storage_error
 
 MARKER = "_COMPLETE.json"
-
-# "No space left on device", "File too large" (a file-size limit), "Disk quota exceeded".
-_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-_FULL_TEXTS = ("No space left", "File too large", "quota exceeded")
-
-
-def storage_error(base: str, err: BaseException) -> ConfigError:
-    """One line for a failed write under the output root: full (ENOSPC/EFBIG/EDQUOT) or not writable."""
-    first = (str(err).splitlines() or [type(err).__name__])[0]
-    if getattr(err, "errno", None) in _FULL_ERRNOS or any(t.lower() in first.lower() for t in _FULL_TEXTS):
-        return ConfigError(f"output root {base!r} is full or cannot be written ({first}): free space, "
-                           "raise the quota or choose another output.root")
-    return ConfigError(f"output root {base!r} is not writable: {first}")
-
 
 @dataclass(frozen=True, eq=False)
 class OutputRoot:
