@@ -39,12 +39,12 @@ class RunProgress:
 
     Args:
         groups: (group id, AOI km²) of the groups this run does, in order.
-        stream: where to write (stderr by default).
+        stream: where the live bar goes (stdout by default; log lines go where logging sends them).
         tty: draw a live bar; default: whether ``stream`` is a terminal.
     """
 
     def __init__(self, groups: list[tuple[str, float]], stream: TextIO | None = None, tty: bool | None = None):
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.groups = {gid: GroupProgress(gid, km2) for gid, km2 in groups}
         self.t0 = time.monotonic()

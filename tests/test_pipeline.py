@@ -89,8 +89,8 @@ def test_partitioned_and_single_file_outputs_agree(demo_run):
     for d in _group_dirs(root):
         single = gpd.read_parquet(d / "masks.parquet")
         parts = gpd.read_parquet(d / "masks")  # the folder of parts, as geopandas reads a dataset
-        assert len(parts) == len(single) and sorted(parts["id"]) == list(single["id"])
-        parts = parts.set_index("id").loc[single["id"]]
+        assert len(parts) == len(single) and sorted(parts["label_id"]) == list(single["label_id"])
+        parts = parts.set_index("label_id").loc[single["label_id"]]
         assert all(a.equals(b) for a, b in zip(parts.geometry, single.geometry, strict=True))
         with rasterio.open(d / "labels.vrt") as mosaic, rasterio.open(d / "labels.tif") as one:
             assert (mosaic.width, mosaic.height, mosaic.crs, mosaic.transform) == (one.width, one.height, one.crs,

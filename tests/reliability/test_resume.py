@@ -166,7 +166,7 @@ def test_output_paths_cannot_leave_the_root(tmp_path, part):
 RUN_ARGS = ("region=demo", "model=demo", "sam.points_per_side=4")
 # Per-run accounting: timings, memory, and how the chips were split between this run and its checkpoints.
 VOLATILE_KEYS = ("timings_s", "finished_at", "chips_per_s", "root", "resources", "stage_cpu_s", "chips_segmented",
-                 "chips_resumed")
+                 "chips_resumed", "processing:datetime")
 
 
 def _command(demo_catalog, out: Path, hydra_dir: Path) -> list[str]:
