@@ -21,6 +21,9 @@ def write_cog(storage: Storage, path: str, band: np.ndarray, transform: Affine, 
               scale_offset: tuple[float, float] | None = None) -> None:
     """Write one single-band COG (DEFLATE, internal overviews) atomically to ``path``.
 
+    The COG is built in memory (a tile is at most 2048² px) and stored with one write, so a full
+    disk shows as the OS's error (ENOSPC, EFBIG), not as GDAL's "write error at scanline".
+
     Args:
         storage: where ``path`` lives.
         path: the COG's path.
@@ -35,15 +38,16 @@ def write_cog(storage: Storage, path: str, band: np.ndarray, transform: Affine, 
     height, width = band.shape
     profile = dict(driver="GTiff", width=width, height=height, count=1, dtype=band.dtype.name, nodata=nodata,
                    crs=f"EPSG:{epsg}", transform=transform, tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
-    with MemoryFile() as mem:
+    with MemoryFile() as mem, MemoryFile() as cog:
         with mem.open(**profile) as dst:
             dst.write(band[None])
             dst.set_band_description(1, description)
             if scale_offset is not None:
                 dst.scales, dst.offsets = (scale_offset[0],), (scale_offset[1],)
-        with mem.open() as src, storage.put_file(path) as local:
-            rasterio.shutil.copy(src, str(local), driver="COG", compress="DEFLATE", predictor=str(predictor),
+        with mem.open() as src:
+            rasterio.shutil.copy(src, cog.name, driver="COG", compress="DEFLATE", predictor=str(predictor),
                                  overview_resampling=overview_resampling, blocksize=BLOCK, BIGTIFF="IF_SAFER")
+        storage.put_bytes(path, cog.read())
 
 
 def cog_from_mosaic(vrt_path: Path, out_path: Path, overview_resampling: str, predictor: int = 1) -> None:

@@ -20,11 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rasterio._err import CPLE_BaseError
+
 from raysam.layout import MASKS_PARQUET, QUICKLOOK, QUICKLOOK_WORLD, GroupSpec
 from raysam.sinks.cog import cog_from_mosaic
 from raysam.sinks.geoparquet import GeoParquetWriter
 from raysam.sinks.quicklook import QuicklookFrame, png_bytes, render
 from raysam.sinks.style import georeferencing
+from raysam.storage.backends import storage_error
 from raysam.tiles import TileRC
 
 
@@ -47,7 +50,10 @@ def single_cog(spec: GroupSpec, vrt_rel: str, tile_rels: Sequence[str], out_rel:
     """Copy the mosaic ``vrt_rel`` (over ``tile_rels``) into one COG ``out_rel``; returns seconds."""
     t0 = time.perf_counter()
     with _local_view(spec, [vrt_rel, *tile_rels]) as local, spec.root.storage.put_file(spec.out(out_rel)) as out:
-        cog_from_mosaic(local / vrt_rel, out, overview_resampling, predictor)
+        try:
+            cog_from_mosaic(local / vrt_rel, out, overview_resampling, predictor)
+        except CPLE_BaseError as err:  # GDAL's own write error ("write error at scanline"): one line too
+            raise storage_error(spec.write_dir, err) from None
     return time.perf_counter() - t0
 
 
