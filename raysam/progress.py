@@ -58,8 +58,8 @@ class RunProgress:
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
             self.bar = tqdm(total=0, unit="chip", file=self.stream, dynamic_ncols=True, desc="raysam",
-                            bar_format="{desc}: {n}/{total} chips {bar} {percentage:3.0f}% [{elapsed}<{remaining}] "
-                                       "{postfix}")
+                            bar_format="{desc}: {n}/{total} chips {bar} {percentage:3.0f}% [{elapsed}<{remaining}"
+                                       "{postfix}]")  # tqdm puts ", " before the postfix
 
     def update(self, progress: Mapping[str, tuple[int, int, int]], n_rows: Mapping[str, int]) -> None:
         """Take a :meth:`raysam.runstats.RunStats.progress` reading (and each group's chip rows)."""

@@ -41,7 +41,17 @@ def collection_dir(tmp_path_factory, demo_catalog) -> Path:
                             timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p for p in (tmp / "out" / "demo").iterdir() if p.is_dir()]
+    (tmp / "console.txt").write_text(result.stdout + result.stderr)  # what the user saw
     return run_dir
+
+
+def test_a_run_outside_a_terminal_prints_a_few_lines_and_the_summary(collection_dir):
+    """Progress and per-group summaries, no Ray chatter, no GDAL noise: a few lines, not hundreds."""
+    lines = (collection_dir.parents[2] / "console.txt").read_text().splitlines()
+    assert len(lines) <= 24, "\n".join(lines)
+    assert sum(ln.startswith("raysam: published demo_2024") for ln in lines) == 2
+    assert lines[-1].startswith("raysam: 2 date group(s) written, 0 already complete;")
+    assert not [ln for ln in lines if "INFO" in ln or "ZSTD_LEVEL" in ln or "Traceback" in ln]
 
 
 def files_by_kind(collection_dir: Path) -> dict[str, list[Path]]:
