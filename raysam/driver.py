@@ -281,7 +281,7 @@ class RunController:
         from raysam.groupjob import Stage
 
         n_rows = {job.group_id: job.n_chip_rows for job in jobs}
-        while any(job.stage is not Stage.PUBLISHED for job in jobs):
+        while any(job.stage is not Stage.PUBLISHED for job in jobs) or queue.busy:
             if stream.error is not None:
                 raise stream.error
             progress = ray.get(stats.progress.remote())

@@ -286,7 +286,8 @@ class GroupJob:
         self.stage = Stage.PUBLISHED
         update_collection(root.storage, self.spec.out_dir.rsplit("/", 1)[0], **collection)
         self.on_published(manifest)  # releases the lock
-        root.storage.delete_tree(self.spec.work_dir)  # a crash before this is tidied by the next run
+        # The work directory goes in a task (a crash before it is done is tidied by the next run).
+        self._submit(4, lambda: tasks.delete_tree.options(num_cpus=0).remote(root, self.spec.work_dir), lambda _: None)
 
     def _published(self) -> PublishedGroup:
         """What the group published, for its STAC item."""

@@ -32,7 +32,7 @@ from raysam import checkpoint, records
 from raysam.config import RayConfig, RunConfig
 from raysam.layout import GroupSpec
 from raysam.model_source import ModelSource
-from raysam.runstats import STATS_ACTOR, process_info
+from raysam.runstats import STATS_ACTOR, process_info, reset_peak
 
 # Test and demo knob: seconds each SAM actor sleeps per chip (default 0). Fault-injection tests
 # set it so that "mid-run" (a node removed, an actor killed) is a wide window, not a race.
@@ -110,6 +110,7 @@ def plan_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], res
     stats = _stats()
     blobs = []
     for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True):
+        reset_peak()
         spec = specs[str(gid)]
         tasks = list(plan_chip_tasks(spec.group, spec.chip_bands, spec.chip_px, spec.spatial_overlap, rows=[int(row)]))
         for task in tasks:
@@ -143,6 +144,7 @@ def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.Sha
     out: dict[str, list] = {"task": [], "rgb": [], "valid_bits": []}
     for blob in batch["task"]:
         task = pickle.loads(blob)
+        reset_peak()
         t0 = time.perf_counter()
         result = read_chip(task, signer=signer, scaling=scaling[task.date_group_id], max_cloud_fraction=max_cloud_fraction,
                            network=network)
@@ -189,6 +191,7 @@ class SamStage:
         done = []
         for blob, rgb, valid_bits in zip(batch["task"], batch["rgb"], batch["valid_bits"], strict=True):
             task = pickle.loads(blob)
+            reset_peak()
             t0 = time.perf_counter()
             masks = self.generator.generate_compact(rgb)
             valid = np.unpackbits(valid_bits, count=rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(bool)

@@ -98,11 +98,21 @@ _POLICY_OPTIONS = {
 PERMANENT_HTTP = (400, 401, 404, 405, 410, 416)
 
 
+# Bounded caches of a reading worker. A chip reads each band once (a 1024 px window of a few
+# COG blocks), so caching across chips buys little: measured on one worker reading the 441 chips
+# of a full 10,980 px tile, private memory grew 236 -> 1,369 MB with GDAL's defaults, 236 ->
+# 433 MB with GDAL_CACHEMAX=64, and stayed flat with VSI_CACHE_SIZE=1 MB as well.
+GDAL_CACHES = {"GDAL_CACHEMAX": 64, "VSI_CACHE_SIZE": "1000000"}  # MB (rasterio wants an int); bytes per open file
+
+
 def gdal_env_options(policy: NetworkPolicy | None = None) -> dict[str, Any]:
     """GDAL options for reading COGs over HTTP (used as ``rasterio.Env(**options)``).
 
-    The retry and timeout options come from ``policy``, except those already set as
-    environment variables (``GDAL_HTTP_TIMEOUT=5`` in the environment wins).
+    The retry and timeout options come from ``policy``; the caches are bounded
+    (:data:`GDAL_CACHES`), since a worker reads chip after chip across a whole region and GDAL's
+    defaults (a block cache of 5 % of the node's RAM, 25 MB per open file, and up to
+    :data:`DEFAULT_DATASET_CACHE_SIZE` files kept open) made its memory grow with the area read.
+    Options already set as environment variables win (``GDAL_HTTP_TIMEOUT=5`` in the environment).
     """
     policy = policy or DEFAULT_NETWORK
     options = {
@@ -111,6 +121,7 @@ def gdal_env_options(policy: NetworkPolicy | None = None) -> dict[str, Any]:
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
         "VSI_CACHE": "TRUE",
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
+        **{k: v for k, v in GDAL_CACHES.items() if k not in os.environ},
     }
     for option, attr in _POLICY_OPTIONS.items():  # GDAL retries 429/5xx, resets, timeouts
         if option not in os.environ:

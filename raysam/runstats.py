@@ -46,17 +46,45 @@ def memory_mb() -> tuple[float, float]:
     return fields["VmHWM"] / 1024, (fields.get("VmRSS", 0) - fields.get("RssShmem", 0)) / 1024
 
 
-def process_info(role: str) -> tuple[str, int, str, float, float]:
-    """(role, pid, node id, peak RSS MB, private RSS MB) of the calling process (:meth:`RunStats.process_peak`).
+def reset_peak() -> None:
+    """Start measuring a new unit of work: reset this process's peak RSS (``VmHWM``) to its current
+    RSS (Linux ``/proc/self/clear_refs``; elsewhere a no-op). Ray runs tasks of different roles in
+    the same worker processes, so without this a process's peak would be charged to every role."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
-    Sent after every chip and every back-half task, so the highest private RSS seen is the
-    process's private peak between units of work.
+
+def process_info(role: str) -> tuple[str, int, str, float, float]:
+    """(role, pid, node id, peak RSS MB, peak private RSS MB) of the unit of work that just ran in
+    this process (since :func:`reset_peak`), for :meth:`RunStats.process_peak`.
+
+    The private peak is the peak RSS less the object-store pages the process maps now
+    (``RssShmem``), which only grow during a unit of work.
     """
-    return (role, os.getpid(), ray.get_runtime_context().get_node_id(), *memory_mb())
+    peak, private = memory_mb()
+    rss, _ = _rss_and_shmem()
+    shared = rss - private
+    return (role, os.getpid(), ray.get_runtime_context().get_node_id(), peak, max(peak - shared, private))
+
+
+def _rss_and_shmem() -> tuple[float, float]:
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssShmem"):
+                    fields[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return fields.get("VmRSS", 0) / 1024, fields.get("RssShmem", 0) / 1024
 
 
 def report_peak(role: str) -> None:
-    """Send this process's peak memory to the run's :class:`RunStats`, if a run is on."""
+    """Send the peak memory of the unit of work that just ran here to the run's :class:`RunStats`."""
     try:
         stats = ray.get_actor(STATS_ACTOR)
     except ValueError:  # used on its own (tests, notebooks): nothing to report to
@@ -88,12 +116,13 @@ class RunStats:
 
     def __init__(self) -> None:
         self.planned: dict[str, dict[int, int]] = {}  # group -> chip row -> chips planned in it
+        self.done: dict[str, set[str]] = {}  # group -> chips checkpointed (segmented, skipped or resumed)
         self.segmented: dict[str, dict[str, tuple[int, int]]] = {}  # chip -> (masks, decoder prompts)
         self.skipped: dict[str, dict[str, str]] = {}  # chip -> reason
         self.resumed: dict[str, dict[str, dict]] = {}  # chip -> its checkpointed outcome
         self.seconds: dict[str, dict[str, float]] = {}  # group -> stage -> seconds (read, sam)
         self.model_loads: list[tuple[int, str]] = []
-        self.processes: dict[int, dict] = {}
+        self.processes: dict[tuple[int, str], dict] = {}  # (pid, role) -> peaks
         self.store_at_start = object_store_totals()
 
     def _proc(self, proc: tuple | None) -> None:
@@ -110,9 +139,11 @@ class RunStats:
 
     def chip_resumed(self, group_id: str, chip: str, outcome: dict) -> None:
         self.resumed.setdefault(group_id, {})[chip] = outcome
+        self.done.setdefault(group_id, set()).add(chip)
 
     def chip_skipped(self, group_id: str, chip: str, reason: str, seconds: float, proc: tuple | None = None) -> None:
         self.skipped.setdefault(group_id, {})[chip] = reason
+        self.done.setdefault(group_id, set()).add(chip)
         self._add_seconds(group_id, "read", seconds)
         self._proc(proc)
 
@@ -123,6 +154,7 @@ class RunStats:
     def chip_segmented(self, group_id: str, chip: str, n_masks: int, decoder_prompts: int, seconds: float,
                        proc: tuple | None = None) -> None:
         self.segmented.setdefault(group_id, {})[chip] = (n_masks, decoder_prompts)
+        self.done.setdefault(group_id, set()).add(chip)
         self._add_seconds(group_id, "sam", seconds)
         self._proc(proc)
 
@@ -130,21 +162,15 @@ class RunStats:
         self.model_loads.append((pid, node_id))
 
     def process_peak(self, role: str, pid: int, node_id: str, rss_mb: float, private_mb: float) -> None:
-        """Keep the highest peak and private RSS seen for a process, and every role it played."""
+        """Keep the highest peak and private RSS seen for a process in a role."""
         entry = self.processes.setdefault(
-            pid, {"pid": pid, "node_id": node_id, "roles": [], "peak_rss_mb": 0.0, "peak_private_mb": 0.0})
-        if role not in entry["roles"]:
-            entry["roles"].append(role)
+            (pid, role), {"pid": pid, "node_id": node_id, "roles": [role], "peak_rss_mb": 0.0, "peak_private_mb": 0.0})
         entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(rss_mb, 1))
         entry["peak_private_mb"] = max(entry["peak_private_mb"], round(private_mb, 1))
 
     def progress(self) -> dict[str, tuple[int, int, int]]:
         """Per date group: (chip rows planned, chips planned, chips checkpointed)."""
-        out = {}
-        for gid, rows in self.planned.items():
-            done = set(self.segmented.get(gid, ())) | set(self.skipped.get(gid, ())) | set(self.resumed.get(gid, ()))
-            out[gid] = (len(rows), sum(rows.values()), len(done))
-        return out
+        return {gid: (len(rows), sum(rows.values()), len(self.done.get(gid, ()))) for gid, rows in self.planned.items()}
 
     def chips_done(self) -> int:
         """Chips through the SAM stage so far (all date groups)."""
@@ -191,7 +217,7 @@ class RunStats:
             "sam_model_loads": len(self.model_loads),
             "peak_private_mb": self._by_role("peak_private_mb"),
             "peak_rss_mb": self._by_role("peak_rss_mb"),
-            "processes": sorted(self.processes.values(), key=lambda e: e["pid"]),
+            "processes": sorted(self.processes.values(), key=lambda e: (e["pid"], e["roles"])),
             "object_store": {k: end[k] - self.store_at_start.get(k, 0) for k in end},
         }
 

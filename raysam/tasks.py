@@ -1,7 +1,7 @@
 """Thin Ray wrappers of the back half's plain functions: one remote function per kind of task.
 
-Each calls its function (which tests call without Ray) and reports the process's peak memory to
-the run's :class:`~raysam.runstats.RunStats` under its role. Lost workers and nodes are retried
+Each calls its function (which tests call without Ray) and reports the peak memory of that call
+to the run's :class:`~raysam.runstats.RunStats` under its role (:func:`_measured`). Lost workers and nodes are retried
 without limit (``max_retries=-1``, system failures only); an exception raised by our code fails
 the run at once with its own one line, as in the front half (:func:`raysam.pipeline.configure_retries`).
 """
@@ -13,9 +13,17 @@ from typing import Any
 
 import ray
 
-from raysam.runstats import report_peak
+from raysam.runstats import report_peak, reset_peak
 
 _REMOTE = {"max_retries": -1, "retry_exceptions": False}
+
+
+def _measured(role: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, with its peak memory reported under ``role``."""
+    reset_peak()
+    out = fn(*args)
+    report_peak(role)
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,9 +40,7 @@ def group_scaling(scaling: Any, group: Any, signer: Any, network: Any) -> Any:
     """The date group's RGB scaling (:func:`raysam.scaling.group_scaling`), computed on a worker."""
     from raysam.scaling import group_scaling as compute
 
-    out = compute(scaling, group, worker_signer(signer), network)
-    report_peak("plan")
-    return out
+    return _measured("plan", compute, scaling, group, worker_signer(signer), network)
 
 
 @ray.remote(**_REMOTE)
@@ -42,9 +48,7 @@ def merge_cell(spec: Any, cell: tuple[int, int], params: Any) -> Any:
     """:func:`raysam.cells.merge_one_cell`."""
     from raysam.cells import merge_one_cell
 
-    out = merge_one_cell(spec, cell, params)
-    report_peak("merge")
-    return out
+    return _measured("merge", merge_one_cell, spec, cell, params)
 
 
 @ray.remote(**_REMOTE)
@@ -52,9 +56,7 @@ def resolve_group(spec: Any, pending_uids: tuple[str, ...], params: Any) -> tupl
     """:func:`raysam.cells.resolve_group`."""
     from raysam.cells import resolve_group as resolve
 
-    out = resolve(spec, pending_uids, params)
-    report_peak("merge")
-    return out
+    return _measured("merge", resolve, spec, pending_uids, params)
 
 
 @ray.remote(**_REMOTE)
@@ -63,9 +65,7 @@ def write_cell(spec: Any, cell: tuple[int, int], first_ids: dict, resolved_kept:
     """:func:`raysam.sinks.cell.write_cell_outputs`."""
     from raysam.sinks.cell import write_cell_outputs
 
-    out = write_cell_outputs(spec, cell, first_ids, resolved_kept, datetime_utc, tiles, frame)
-    report_peak("sink")
-    return out
+    return _measured("sink", write_cell_outputs, spec, cell, first_ids, resolved_kept, datetime_utc, tiles, frame)
 
 
 @ray.remote(**_REMOTE)
@@ -74,9 +74,7 @@ def write_s2_tile(spec: Any, tile: tuple[int, int], bands: tuple[str, ...], fram
     """:func:`raysam.sinks.s2.write_s2_tile` (``signer``: a key-free :class:`raysam.stac.SignerSpec`)."""
     from raysam.sinks.s2 import write_s2_tile as write
 
-    out = write(spec, tile, bands, frame, worker_signer(signer), network)
-    report_peak("sink")
-    return out
+    return _measured("sink", write, spec, tile, bands, frame, worker_signer(signer), network)
 
 
 @ray.remote(**_REMOTE)
@@ -84,6 +82,10 @@ def finalize(kind: str, spec: Any, *args: Any) -> float:
     """One of :mod:`raysam.sinks.finalize`'s writers (``single_cog``, ``single_parquet``, ``write_quicklook``)."""
     from raysam.sinks import finalize as writers
 
-    out = getattr(writers, kind)(spec, *args)
-    report_peak("sink")
-    return out
+    return _measured("sink", getattr(writers, kind), spec, *args)
+
+
+@ray.remote(**_REMOTE)
+def delete_tree(root: Any, path: str) -> None:
+    """Remove a published group's work directory (one request per checkpoint on some object stores)."""
+    root.storage.delete_tree(path)
