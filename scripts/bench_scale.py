@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from raysam.demo.catalog import TILES, CatalogInfo, DemoTile, free_port, make_demo_catalog, serve_catalog  # noqa: E402
 from raysam.demo.catalog import tile_inner_bbox_wgs84  # noqa: E402
+from raysam.checkpoint import CHIPS_DIR, WORK_DIR  # noqa: E402
 from raysam.storage.root import MARKER  # noqa: E402
 
 # Goals of issue 10 ("Benchmarks").
@@ -51,6 +52,8 @@ ROLE_MEMORY_RATIO_MAX = 1.3
 FIRST_PUBLISH_SHARE_MAX = 0.60
 MARGIN_M = 500.0  # the scale region is the tile minus this on every side
 POLL_S = 0.5  # how often a run is sampled (driver CPU, process tree, output root)
+RUN_ENTRY = ("-m", "raysam.run")  # how a run is started (an experiment may wrap it)
+RAY_INTERNAL_TITLES = ("ray::_", "ray::ActorLocationTracker", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # /proc/stat cpu: user nice system [idle iowait] irq softirq steal
 
@@ -68,8 +71,10 @@ class RunResult:
         tree_cpu_s: CPU-seconds of the driver and every process below it (Ray's GCS, raylet,
             workers), each process's last reading.
         watcher_cpu_s: this script's own CPU-seconds while it watched (part of machine_busy_s).
+        peak_by_task_mb: highest private RSS sampled per Ray worker process title (``ray::...``).
         load_before, load_after: 1-minute load averages.
         manifests: the published groups' manifest.json, in group order.
+        chip_timeline: (seconds since start, chips checkpointed per group) at every poll.
     """
 
     label: str
@@ -79,9 +84,11 @@ class RunResult:
     machine_busy_s: float
     tree_cpu_s: float
     watcher_cpu_s: float
+    peak_by_task_mb: dict[str, float]
     load_before: float
     load_after: float
     manifests: tuple[dict, ...]
+    chip_timeline: tuple[tuple[float, dict[str, int]], ...]
 
     @property
     def driver_share(self) -> float:
@@ -103,6 +110,17 @@ class RunResult:
         """(AOI km², grid megapixels) of the first group (every group of a run shares the AOI)."""
         group = self.manifests[0]["date_group"]
         return group["area_km2"], group["grid"]["width"] * group["grid"]["height"] / 1e6
+
+    def chips_in(self) -> list[tuple[str, float, dict[str, int]]]:
+        """Per group: when all its chips were checkpointed (seconds since start, first poll that
+        saw them) and how many chips every group had checkpointed then."""
+        out = []
+        for m in self.manifests:
+            gid, planned = m["date_group"]["id"], m["counts"]["chips_planned"]
+            seen = next(((t, c) for t, c in self.chip_timeline if c.get(gid, 0) >= planned), None)
+            if seen is not None:
+                out.append((gid, seen[0], seen[1]))
+        return out
 
     def sink_walls(self) -> list[float]:
         """Per group: seconds from its last chip checkpointed to its publication."""
@@ -131,15 +149,43 @@ def proc_stat(pid: int) -> tuple[int, float, int] | None:
     return int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[19])
 
 
-class TreeCpu:
-    """CPU-seconds of a process and all its descendants, from repeated samples of /proc.
+def private_mb(pid: int) -> float | None:
+    """A process's private resident memory (VmRSS - RssShmem) in MB, or None if gone."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "RssShmem"):
+                    fields[key] = int(value.split()[0])
+    except (OSError, ValueError):
+        return None
+    return (fields.get("VmRSS", 0) - fields.get("RssShmem", 0)) / 1024 if "VmRSS" in fields else None
 
-    A process that exits between two samples loses at most one poll interval of CPU.
+
+def ray_title(pid: int) -> str | None:
+    """What a Ray worker is doing (its process title ``ray::<task or actor method>``), else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().split(b"\0")[0].decode(errors="replace").strip()
+    except OSError:
+        return None
+    return title.split(" ")[0] if title.startswith("ray::") else None
+
+
+class TreeSampler:
+    """CPU-seconds of a process and all its descendants, and the private memory of its Ray
+    workers by what they are running, from repeated samples of /proc.
+
+    A process that exits between two samples loses at most one poll interval of CPU. Memory is
+    attributed to the task a worker runs at the sample (``ray::IDLE``: between tasks), so it
+    tells apart roles that the run's own report merges when one worker process plays several.
     """
 
     def __init__(self, root_pid: int):
         self.root_pid = root_pid
         self.last: dict[tuple[int, int], float] = {}  # (pid, start ticks) -> CPU seconds
+        self.peak_by_title: dict[str, float] = {}  # Ray process title -> highest private MB sampled
 
     def sample(self) -> None:
         stats = {}
@@ -155,10 +201,23 @@ class TreeCpu:
             _, cpu, start = stats[pid]
             self.last[(pid, start)] = cpu
             todo.extend(children.get(pid, ()))
+            if (title := ray_title(pid)) and (mb := private_mb(pid)) is not None:
+                self.peak_by_title[title] = max(self.peak_by_title.get(title, 0.0), mb)
 
     @property
     def total_s(self) -> float:
         return sum(self.last.values())
+
+
+def chips_checkpointed(out_root: Path) -> dict[str, int]:
+    """Chip checkpoints per date group in the run's work directories (``<region>/<run>/.work/<group>/chips``)."""
+    counts = {}
+    for chips in out_root.glob(f"*/*/{WORK_DIR}/*/{CHIPS_DIR}"):
+        try:
+            counts[chips.parent.name] = sum(1 for e in os.scandir(chips) if not e.name.startswith("."))
+        except OSError:  # the group published meanwhile
+            pass
+    return counts
 
 
 def first_marker(out_root: Path) -> bool:
@@ -177,7 +236,7 @@ def run_raysam(label: str, overrides: list[str], out_root: Path, py_spy: Path | 
     """
     out_root.mkdir(parents=True, exist_ok=True)
     log_path = out_root / "run.log"
-    cmd = [sys.executable, "-m", "raysam.run", f"output.root={out_root}", f"hydra.run.dir={out_root}/_hydra",
+    cmd = [sys.executable, *RUN_ENTRY, f"output.root={out_root}", f"hydra.run.dir={out_root}/_hydra",
            *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     print(f"\n== {label}\n   {' '.join(cmd[1:])}", flush=True)
@@ -186,8 +245,9 @@ def run_raysam(label: str, overrides: list[str], out_root: Path, py_spy: Path | 
         busy0, t0, own0 = machine_busy_s(), time.perf_counter(), _own_cpu_s()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         spy = _start_py_spy(proc.pid, py_spy)
-        tree, driver_cpu, first = TreeCpu(proc.pid), 0.0, None
+        tree, driver_cpu, first, timeline = TreeSampler(proc.pid), 0.0, None, []
         while proc.poll() is None:
+            timeline.append((time.perf_counter() - t0, chips_checkpointed(out_root)))
             st = proc_stat(proc.pid)
             if st is not None and st[1] >= driver_cpu:  # a zombie's reading is still its own
                 driver_cpu = st[1]
@@ -204,7 +264,8 @@ def run_raysam(label: str, overrides: list[str], out_root: Path, py_spy: Path | 
         tail = log_path.read_text().splitlines()[-20:]
         raise SystemExit(f"{label} failed with exit code {proc.returncode}; log {log_path}:\n" + "\n".join(tail))
     manifests = tuple(json.loads(p.read_text()) for p in sorted(out_root.glob("*/*/*/manifest.json")))
-    result = RunResult(label, wall, first, driver_cpu, busy, tree.total_s, own, load_before, os.getloadavg()[0], manifests)
+    result = RunResult(label, wall, first, driver_cpu, busy, tree.total_s, own, tree.peak_by_title, load_before, os.getloadavg()[0], manifests,
+                       tuple(timeline))
     print_run(result)
     return result
 
@@ -238,6 +299,10 @@ def print_run(r: RunResult) -> None:
           f"{r.machine_busy_s:.1f} (this watcher {r.watcher_cpu_s:.1f}) -> driver share {r.driver_share:.1%} of the machine, {r.driver_tree_share:.1%} "
           f"of the run")
     print(f"   area {area_km2:,.0f} km2 per group, grid {mpx:.1f} Mpx")
+    planned = {m["date_group"]["id"]: m["counts"]["chips_planned"] for m in r.manifests}
+    for gid, t, counts in r.chips_in():
+        others = ", ".join(f"{g} {n}/{planned.get(g, '?')}" for g, n in sorted(counts.items()) if g != gid)
+        print(f"   all chips of {gid} checkpointed at {t:.0f} s ({t / r.wall_s:.0%} of the wall); then: {others or '-'}")
     for m in r.manifests:
         c, w = m["counts"], m["timings_s"]["wall_since_start"]
         skipped = ", ".join(f"{k} {v}" for k, v in c["chips_skipped_by_reason"].items()) or "none"
@@ -263,7 +328,22 @@ def memory_table(demo: RunResult, scale: RunResult) -> float:
         if role != "stats" and ratio == ratio:
             worst = max(worst, ratio)
         print(f"{role:<8} {a or 0:>9.0f} {b or 0:>9.0f} {ratio:>6.2f}" + ("   (the stats actor; not a goal)" if role == "stats" else ""))
+    shared = sorted({tuple(p["roles"]) for m in scale.manifests for p in m["counts"]["resources"]["processes"]
+                     if len(p["roles"]) > 1})
+    if shared:
+        print("   (one worker process counts its peak under every role it played: " + "; ".join("+".join(r) for r in shared) + ")")
     return worst
+
+
+def memory_by_task(demo: RunResult, scale: RunResult) -> None:
+    """Print the sampled private RSS of Ray workers by the task they were running (this script's /proc samples)."""
+    print(f"\n{'Ray worker running (sampled every ' + str(POLL_S) + ' s)':<52} {'demo MB':>9} {'scale MB':>9} {'ratio':>6}")
+    for title in sorted(set(demo.peak_by_task_mb) | set(scale.peak_by_task_mb)):
+        if title.startswith(RAY_INTERNAL_TITLES):
+            continue
+        a, b = demo.peak_by_task_mb.get(title), scale.peak_by_task_mb.get(title)
+        ratio = f"{b / a:>6.2f}" if a and b else f"{'-':>6}"
+        print(f"{title[:52]:<52} {a or 0:>9.0f} {b or 0:>9.0f} {ratio}")
 
 
 def summary(rows: list[tuple[str, str, str, bool | None]]) -> None:
@@ -324,6 +404,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
 
     worst = memory_table(demo, scale)
+    memory_by_task(demo, scale)
     sink2 = scale.sink_walls()
     print(f"\nSink wall (last chip checkpointed -> published) per group: sink_tasks=2 "
           + ", ".join(f"{s:.1f} s" for s in sink2)
