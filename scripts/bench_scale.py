@@ -2,7 +2,8 @@
 """Scale benchmark: one full-size synthetic MGRS tile at two dates against the demo region.
 
     .venv/bin/python scripts/bench_scale.py [--tile-px 10980] [--points-per-side 4] [--skip-sink-sweep]
-                                            [--data demo_data/scale] [--keep] [--out DIR] [--py-spy FILE.svg]
+                                            [--data demo_data/scale] [--keep] [--out DIR] [--set KEY=VALUE ...]
+                                            [--py-spy FILE]
 
 Builds (once, then reuses) a synthetic catalog of one ``--tile-px`` tile at the demo's two dates
 (:func:`raysam.demo.catalog.make_demo_catalog`), serves it with ``rustac serve`` and runs
@@ -41,9 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raysam.demo.catalog import TILES, CatalogInfo, DemoTile, free_port, make_demo_catalog, serve_catalog  # noqa: E402
-from raysam.demo.catalog import tile_inner_bbox_wgs84  # noqa: E402
 from raysam.checkpoint import CHIPS_DIR, WORK_DIR  # noqa: E402
+from raysam.demo.catalog import (TILES, CatalogInfo, free_port, make_demo_catalog, serve_catalog,  # noqa: E402
+                                 tile_inner_bbox_wgs84)
 from raysam.storage.root import MARKER  # noqa: E402
 
 # Goals of issue 10 ("Benchmarks").
@@ -264,8 +265,8 @@ def run_raysam(label: str, overrides: list[str], out_root: Path, py_spy: Path | 
         tail = log_path.read_text().splitlines()[-20:]
         raise SystemExit(f"{label} failed with exit code {proc.returncode}; log {log_path}:\n" + "\n".join(tail))
     manifests = tuple(json.loads(p.read_text()) for p in sorted(out_root.glob("*/*/*/manifest.json")))
-    result = RunResult(label, wall, first, driver_cpu, busy, tree.total_s, own, tree.peak_by_title, load_before, os.getloadavg()[0], manifests,
-                       tuple(timeline))
+    result = RunResult(label, wall, first, driver_cpu, busy, tree.total_s, own, tree.peak_by_title, load_before,
+                       os.getloadavg()[0], manifests, tuple(timeline))
     print_run(result)
     return result
 
@@ -275,15 +276,17 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
-def _start_py_spy(pid: int, svg: Path | None) -> subprocess.Popen | None:
-    """``py-spy record`` on the driver (a flame graph in ``svg``), if asked for and installed."""
-    if svg is None:
+def _start_py_spy(pid: int, output: Path | None) -> subprocess.Popen | None:
+    """``py-spy record`` on the driver's busy threads (``.svg``: a flame graph; else collapsed
+    stacks, one per line with its sample count), if asked for."""
+    if output is None:
         return None
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(exe).exists():
         raise SystemExit("--py-spy needs py-spy: pip install py-spy")
-    return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "50", "--idle", "--threads",
-                             "--output", str(svg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fmt = "flamegraph" if output.suffix == ".svg" else "raw"
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "50", "--threads", "--nonblocking",
+                             "--format", fmt, "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # ------------------------------------------------------------------ printing
@@ -296,8 +299,8 @@ def print_run(r: RunResult) -> None:
     print(f"   wall {r.wall_s:.1f} s; first group published after {first}; load average {r.load_before:.2f} -> "
           f"{r.load_after:.2f}")
     print(f"   CPU-s: driver {r.driver_cpu_s:.1f}, run's process tree {r.tree_cpu_s:.1f}, whole machine "
-          f"{r.machine_busy_s:.1f} (this watcher {r.watcher_cpu_s:.1f}) -> driver share {r.driver_share:.1%} of the machine, {r.driver_tree_share:.1%} "
-          f"of the run")
+          f"{r.machine_busy_s:.1f} (this watcher {r.watcher_cpu_s:.1f}) -> driver share {r.driver_share:.1%} of the "
+          f"machine, {r.driver_tree_share:.1%} of the run")
     print(f"   area {area_km2:,.0f} km2 per group, grid {mpx:.1f} Mpx")
     planned = {m["date_group"]["id"]: m["counts"]["chips_planned"] for m in r.manifests}
     for gid, t, counts in r.chips_in():
@@ -316,7 +319,8 @@ def print_run(r: RunResult) -> None:
 def memory_table(demo: RunResult, scale: RunResult) -> float:
     """Print peak memory per role (driver: peak RSS; others: peak private RSS); returns the worst ratio."""
     demo_roles, scale_roles = demo.roles("peak_private_mb"), scale.roles("peak_private_mb")
-    demo_roles["driver"], scale_roles["driver"] = demo.roles("peak_rss_mb")["driver"], scale.roles("peak_rss_mb")["driver"]
+    for run, roles in ((demo, demo_roles), (scale, scale_roles)):
+        roles["driver"] = run.roles("peak_rss_mb")["driver"]
     (demo_km2, demo_mpx), (scale_km2, scale_mpx) = demo.area(), scale.area()
     print(f"\nArea: demo {demo_km2:,.0f} km2 / {demo_mpx:.1f} Mpx, scale {scale_km2:,.0f} km2 / {scale_mpx:.1f} Mpx "
           f"(x{scale_km2 / demo_km2:.1f} area, x{scale_mpx / demo_mpx:.1f} grid)")
@@ -327,11 +331,13 @@ def memory_table(demo: RunResult, scale: RunResult) -> float:
         ratio = b / a if a and b else float("nan")
         if role != "stats" and ratio == ratio:
             worst = max(worst, ratio)
-        print(f"{role:<8} {a or 0:>9.0f} {b or 0:>9.0f} {ratio:>6.2f}" + ("   (the stats actor; not a goal)" if role == "stats" else ""))
+        note = "   (the stats actor; not a goal)" if role == "stats" else ""
+        print(f"{role:<8} {a or 0:>9.0f} {b or 0:>9.0f} {ratio:>6.2f}{note}")
     shared = sorted({tuple(p["roles"]) for m in scale.manifests for p in m["counts"]["resources"]["processes"]
                      if len(p["roles"]) > 1})
     if shared:
-        print("   (one worker process counts its peak under every role it played: " + "; ".join("+".join(r) for r in shared) + ")")
+        print("   (one worker process counts its peak under every role it played: "
+              + "; ".join("+".join(r) for r in shared) + ")")
     return worst
 
 
@@ -358,7 +364,7 @@ def summary(rows: list[tuple[str, str, str, bool | None]]) -> None:
 # ------------------------------------------------------------------ catalog
 
 
-def scale_catalog(data: Path, tile_px: int) -> tuple[CatalogInfo, DemoTile]:
+def scale_catalog(data: Path, tile_px: int) -> CatalogInfo:
     """The synthetic catalog of one ``tile_px`` tile (the demo's tile 16TBM, grown), built once under ``data``."""
     tile = dataclasses.replace(TILES[1], size_px=tile_px)
     aoi = tile_inner_bbox_wgs84(tile, MARGIN_M)
@@ -366,7 +372,7 @@ def scale_catalog(data: Path, tile_px: int) -> tuple[CatalogInfo, DemoTile]:
     info = make_demo_catalog(data / f"tile{tile_px}", tiles=(tile,), aoi_wgs84=aoi)
     print(f"scale catalog {info.root}: tile {tile.tile_id} {tile_px} px, {len(info.item_ids)} items, "
           f"{info.n_fields} fields, {info.size_bytes / 1e6:.0f} MB ({time.perf_counter() - t0:.0f} s to build or check)")
-    return info, tile
+    return info
 
 
 def main() -> None:
@@ -377,25 +383,28 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "demo_data" / "scale", help="catalog cache (reused)")
     parser.add_argument("--out", type=Path, default=None, help="output roots (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the outputs")
-    parser.add_argument("--py-spy", type=Path, default=None, metavar="SVG",
-                        help="record the driver of the main scale run with py-spy into this flame graph")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra raysam.run override for every run (repeatable), e.g. output.sinks=[s2_raster]")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="FILE",
+                        help="record the main scale run's driver with py-spy: FILE.svg a flame graph, else collapsed stacks")
     args = parser.parse_args()
 
-    info, tile = scale_catalog(args.data.resolve(), args.tile_px)
-    common = ["model=demo", f"sam.points_per_side={args.points_per_side}", "sam.points_per_batch=16"]
+    info = scale_catalog(args.data.resolve(), args.tile_px)
+    common = ["model=demo", f"sam.points_per_side={args.points_per_side}", "sam.points_per_batch=16", *args.set]
     west, south, east, north = info.aoi_wgs84
-    scale_region = ["region=demo", f"region.name=scale{args.tile_px}", f"region.geometry='{west},{south},{east},{north}'"]
-    out = (args.out or Path(tempfile.mkdtemp(prefix="bench_scale-"))).resolve()
     server = serve_catalog(info.root, port := free_port())
+    scale_region = ["region=demo", f"region.name=scale{args.tile_px}", f"region.geometry='{west},{south},{east},{north}'",
+                    "stac=local", f"stac.url=http://127.0.0.1:{port}"]
+    out = (args.out or Path(tempfile.mkdtemp(prefix="bench_scale-"))).resolve()
     try:
         demo = run_raysam("demo region, ray.sink_tasks=2", ["region=demo", *common, "ray.sink_tasks=2"], out / "demo")
         scale = run_raysam(f"scale region ({args.tile_px} px tile), ray.sink_tasks=2",
-                           [*scale_region, "stac=local", f"stac.url=http://127.0.0.1:{port}", *common, "ray.sink_tasks=2"],
+                           [*scale_region, *common, "ray.sink_tasks=2"],
                            out / "scale_sink2", args.py_spy)
         one = None
         if not args.skip_sink_sweep:
             one = run_raysam(f"scale region ({args.tile_px} px tile), ray.sink_tasks=1",
-                             [*scale_region, "stac=local", f"stac.url=http://127.0.0.1:{port}", *common, "ray.sink_tasks=1"],
+                             [*scale_region, *common, "ray.sink_tasks=1"],
                              out / "scale_sink1")
     finally:
         server.terminate()

@@ -4,7 +4,9 @@
 whose boundary is the meridian 90°W, near Clinton, Iowa) at two dates, one COG per band per
 item, STAC item JSON in Planetary Computer layout, a ``sentinel-2-l2a`` collection and the
 ground-truth fields (``fields.parquet``). Fields are defined once in lon/lat and rendered
-into each tile's own CRS, so the same field has the same shape in both zones.
+into each tile's own CRS, so the same field has the same shape in both zones. Other tiles, up
+to full-size 10,980 px MGRS tiles, make larger catalogs of the same kind
+(``scripts/bench_scale.py``); bands are rendered in strips, so memory stays bounded.
 
 Layout under ``root``::
 
