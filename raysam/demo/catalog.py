@@ -536,7 +536,7 @@ def make_demo_catalog(root: Path, seed: int = 0, base_url: str | None = None, ov
 
     The defaults write the demo catalog (two 2048 px tiles). Other ``tiles`` give larger
     catalogs, e.g. one full-size 10,980 px tile for ``scripts/bench_scale.py``; bands are
-    rendered in strips, so the generator's memory stays near 1.5 GB at that size.
+    rendered in strips, so the generator's peak RSS stays about 1.6 GB at that size.
 
     Args:
         root: output directory; a complete catalog with the same seed, base URL, tiles and AOI
