@@ -4,7 +4,9 @@
 whose boundary is the meridian 90°W, near Clinton, Iowa) at two dates, one COG per band per
 item, STAC item JSON in Planetary Computer layout, a ``sentinel-2-l2a`` collection and the
 ground-truth fields (``fields.parquet``). Fields are defined once in lon/lat and rendered
-into each tile's own CRS, so the same field has the same shape in both zones.
+into each tile's own CRS, so the same field has the same shape in both zones. Other tiles, up
+to full-size 10,980 px MGRS tiles, make larger catalogs of the same kind
+(``scripts/bench_scale.py``); bands are rendered in strips, so memory stays bounded.
 
 Layout under ``root``::
 
@@ -53,6 +55,7 @@ DEMO_TIME_RANGE = ("2024-06-28", "2024-07-14")  # inclusive UTC dates holding bo
 
 TILE_PX = 2048  # 10 m pixels per tile side (20.48 km; real MGRS tiles are 10980 px)
 GSD_M = 10.0
+STRIP_ROWS = 512  # 10 m rows rendered at once (even: the noise is drawn at 20 m); bounds the generator's memory
 SCL_GSD_M = 20.0
 BASELINE = "05.10"
 OLD_BASELINE = "05.00"  # the reprocessed duplicate that selection must drop
@@ -62,12 +65,29 @@ RELATIVE_ORBIT = 69
 
 @dataclass(frozen=True)
 class DemoTile:
-    """One synthetic tile: id, CRS and upper-left corner (a multiple of 60 m, as real tiles)."""
+    """One synthetic tile: id, CRS, upper-left corner (a multiple of 60 m, as real tiles) and size.
+
+    Attributes:
+        tile_id: MGRS-style id (``16TBM``); its first two digits are the UTM zone.
+        epsg: the tile's UTM CRS.
+        x0_m, y0_m: upper-left corner in the tile CRS.
+        size_px: pixels per side at 10 m (even: SCL is at 20 m); real MGRS tiles have 10980.
+    """
 
     tile_id: str
     epsg: int
     x0_m: float
     y0_m: float
+    size_px: int = TILE_PX
+
+    def __post_init__(self) -> None:
+        if self.size_px <= 0 or self.size_px % 2:
+            raise ConfigError(f"DemoTile size_px={self.size_px}: use a positive even number of 10 m pixels")
+
+    def shape_px(self, gsd_m: float) -> tuple[int, int]:
+        """(rows, cols) of the tile's raster at ``gsd_m``."""
+        n = int(self.size_px * GSD_M / gsd_m)
+        return n, n
 
 
 # Origins chosen so tile 15TYG spans about lon -90.20..-89.95 and 16TBM -90.05..-89.80.
@@ -242,10 +262,30 @@ def tile_transform(tile: DemoTile, gsd_m: float) -> Affine:
 
 def tile_footprint_wgs84(tile: DemoTile) -> Polygon:
     """The tile's square in EPSG:4326 (edges densified every 512 m before reprojecting)."""
-    side_m = TILE_PX * GSD_M
+    side_m = tile.size_px * GSD_M
     square = box(tile.x0_m, tile.y0_m - side_m, tile.x0_m + side_m, tile.y0_m)
     to_wgs84 = Transformer.from_crs(tile.epsg, 4326, always_xy=True)
     return shapely.transform(shapely.segmentize(square, 512.0), lambda xy: np.column_stack(to_wgs84.transform(xy[:, 0], xy[:, 1])))
+
+
+def tile_inner_bbox_wgs84(tile: DemoTile, margin_m: float) -> tuple[float, float, float, float]:
+    """A lon/lat box (west, south, east, north) inside the tile shrunk by ``margin_m``: each side
+    lies on the innermost point of that edge of the shrunk square (UTM squares are slanted in
+    lon/lat). An AOI that needs nothing but this tile and covers almost all of it."""
+    side_m = tile.size_px * GSD_M
+    x0, x1 = tile.x0_m + margin_m, tile.x0_m + side_m - margin_m
+    y0, y1 = tile.y0_m - side_m + margin_m, tile.y0_m - margin_m
+    along = np.linspace(0.0, 1.0, 65)
+    to_wgs84 = Transformer.from_crs(tile.epsg, 4326, always_xy=True)
+
+    def edge(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return to_wgs84.transform(np.broadcast_to(xs, along.shape), np.broadcast_to(ys, along.shape))
+
+    west = edge(np.float64(x0), y0 + along * (y1 - y0))[0].max()
+    east = edge(np.float64(x1), y0 + along * (y1 - y0))[0].min()
+    south = edge(x0 + along * (x1 - x0), np.float64(y0))[1].max()
+    north = edge(x0 + along * (x1 - x0), np.float64(y1))[1].min()
+    return float(west), float(south), float(east), float(north)
 
 
 def _to_tile_crs(geoms: list[shapely.Geometry], epsg: int) -> list[shapely.Geometry]:
@@ -257,7 +297,7 @@ def _to_tile_crs(geoms: list[shapely.Geometry], epsg: int) -> list[shapely.Geome
 def class_raster(scene: Scene, tile: DemoTile, gsd_m: float) -> np.ndarray:
     """Per-pixel class: 0 grass, 1..N field index + 1, N+1 road, N+2 water (int32)."""
     n = len(scene.fields)
-    shape = (int(TILE_PX * GSD_M / gsd_m),) * 2
+    shape = tile.shape_px(gsd_m)
     geoms = _to_tile_crs([*scene.fields, scene.roads, scene.river], tile.epsg)
     shapes = [(g, i + 1) for i, g in enumerate(geoms[:n])] + [(geoms[n], n + 1), (geoms[n + 1], n + 2)]
     return rasterize(shapes, out_shape=shape, transform=tile_transform(tile, gsd_m), fill=0, dtype="int32")
@@ -271,14 +311,15 @@ def reflectance_table(rng: np.random.Generator, scene: Scene, field_jitter: np.n
     return np.vstack([GRASS_REFLECTANCE, fields, ROAD_REFLECTANCE, WATER_REFLECTANCE])
 
 
-def cloud_opacity(tile: DemoTile, gsd_m: float) -> np.ndarray:
-    """Cloud opacity in 0..0.95, a soft disc around CLOUD_CENTER_WGS84 (float32, tile grid)."""
+def cloud_opacity(tile: DemoTile, gsd_m: float, rows: slice = slice(None)) -> np.ndarray:
+    """Cloud opacity in 0..0.95, a soft disc around CLOUD_CENTER_WGS84 (float32, tile grid;
+    only ``rows`` of it, all by default)."""
     to_utm = Transformer.from_crs(4326, tile.epsg, always_xy=True)
     cx, cy = to_utm.transform(*CLOUD_CENTER_WGS84)
-    n = int(TILE_PX * GSD_M / gsd_m)
+    n = tile.shape_px(gsd_m)[0]
     centers = (np.arange(n) + 0.5) * gsd_m
     dx = tile.x0_m + centers - cx
-    dy = tile.y0_m - centers - cy
+    dy = tile.y0_m - centers[rows] - cy
     dist_m = np.hypot(dx[None, :], dy[:, None])
     return np.clip(1.3 * (1.0 - dist_m / (1.4 * CLOUD_RADIUS_M)), 0.0, 0.95).astype("float32")
 
@@ -329,13 +370,12 @@ def item_id(tile: DemoTile, when: datetime, processed: datetime) -> str:
 def _asset(href: str, band: str, tile: DemoTile) -> dict:
     """A Planetary-Computer-style band asset with eo:bands and proj fields."""
     gsd = SCL_GSD_M if band == "SCL" else GSD_M
-    n = int(TILE_PX * GSD_M / gsd)
     asset = {
         "href": href,
         "type": "image/tiff; application=geotiff; profile=cloud-optimized",
         "roles": ["data"],
         "gsd": gsd,
-        "proj:shape": [n, n],
+        "proj:shape": list(tile.shape_px(gsd)),
         "proj:transform": list(tile_transform(tile, gsd))[:6],
     }
     if band == "SCL":
@@ -424,17 +464,30 @@ def _render_tile_date(root: Path, scene: Scene, tile: DemoTile, date_index: int,
     rng = np.random.default_rng([seed, date_index, int(tile.tile_id[:2])])
     cogs = root / "cogs" / tile.tile_id / f"{DATES[date_index]:%Y%m%d}"
     cloudy = date_index == CLOUDY_DATE_INDEX
-    opacity = cloud_opacity(tile, GSD_M) if cloudy else None
     paths = {}
     for b, band in enumerate(REFLECTANCE_BANDS):
-        noise = rng.normal(0.0, 4.0, (TILE_PX // 2,) * 2).repeat(2, 0).repeat(2, 1)  # 20 m texture
         paths[band] = cogs / f"{band}.tif"
-        write_cog(paths[band], band_dn(table[classes[0], b], noise, opacity, b), tile, GSD_M, "average")
+        write_cog(paths[band], _band_dn_in_strips(rng, classes[0], table, b, tile, cloudy), tile, GSD_M, "average")
     scl = scl_raster(classes[1], scene, cloud_opacity(tile, SCL_GSD_M) if cloudy else None)
     paths["SCL"] = cogs / "SCL.tif"
     write_cog(paths["SCL"], scl, tile, SCL_GSD_M, "nearest")
     cloud_cover = float(np.isin(scl, (SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS)).mean() * 100.0)
     return paths, round(cloud_cover, 4)
+
+
+def _band_dn_in_strips(rng: np.random.Generator, classes_10m: np.ndarray, table: np.ndarray, band_index: int,
+                       tile: DemoTile, cloudy: bool) -> np.ndarray:
+    """One reflectance band as uint16 DN (:func:`band_dn`), rendered STRIP_ROWS rows at a time so
+    that no full-tile float64 array exists. The 20 m noise is drawn from ``rng`` in row order, so
+    the result equals one full-tile draw, byte for byte."""
+    rows, cols = classes_10m.shape
+    dn = np.empty((rows, cols), np.uint16)
+    for r0 in range(0, rows, STRIP_ROWS):
+        r1 = min(r0 + STRIP_ROWS, rows)
+        noise = rng.normal(0.0, 4.0, ((r1 - r0) // 2, cols // 2)).repeat(2, 0).repeat(2, 1)  # 20 m texture
+        opacity = cloud_opacity(tile, GSD_M, slice(r0, r1)) if cloudy else None
+        dn[r0:r1] = band_dn(table[classes_10m[r0:r1], band_index], noise, opacity, band_index)
+    return dn
 
 
 def _href(path: Path, root: Path, base_url: str | None) -> str:
@@ -450,6 +503,14 @@ def _write_items(root: Path, items: list[dict]) -> None:
     (root / "items.ndjson").write_text("".join(json.dumps(item) + "\n" for item in items))
 
 
+def _layout(tiles: tuple[DemoTile, ...], aoi_wgs84: tuple[float, float, float, float]) -> dict | None:
+    """What the marker records of the tiles and AOI: nothing for the demo's own (so the demo
+    catalog's marker keeps its bytes), else every tile's fields and the AOI."""
+    if tiles == TILES and tuple(aoi_wgs84) == DEMO_AOI_WGS84:
+        return None
+    return {"tiles": [asdict(t) for t in tiles], "aoi_wgs84": list(aoi_wgs84)}
+
+
 def _load_info(marker: Path) -> CatalogInfo | None:
     """The CatalogInfo of a complete catalog, or None."""
     if not marker.exists():
@@ -458,6 +519,7 @@ def _load_info(marker: Path) -> CatalogInfo | None:
     if raw.pop("format", None) != FORMAT:
         return None
     raw.pop("base_url", None)
+    raw.pop("layout", None)
     paths = {k: Path(raw[k]) for k in ("root", "collection_path", "items_dir", "items_ndjson", "fields_path")}
     tuples = {k: tuple(raw[k]) for k in ("aoi_wgs84", "time_range", "dates", "item_ids", "boundary_field_ids")}
     return CatalogInfo(**{**raw, **paths, **tuples})
@@ -467,50 +529,65 @@ def _dir_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def make_demo_catalog(root: Path, seed: int = 0, base_url: str | None = None, overwrite: bool = False) -> CatalogInfo:
+def make_demo_catalog(root: Path, seed: int = 0, base_url: str | None = None, overwrite: bool = False,
+                      tiles: tuple[DemoTile, ...] = TILES,
+                      aoi_wgs84: tuple[float, float, float, float] = DEMO_AOI_WGS84) -> CatalogInfo:
     """Write the synthetic Sentinel-2 L2A catalog under ``root`` (deterministic for a seed).
 
+    The defaults write the demo catalog (two 2048 px tiles). Other ``tiles`` give larger
+    catalogs, e.g. one full-size 10,980 px tile for ``scripts/bench_scale.py``; bands are
+    rendered in strips, so the generator's peak RSS stays about 1.6 GB at that size.
+
     Args:
-        root: output directory; a complete catalog with the same seed and base URL is reused.
+        root: output directory; a complete catalog with the same seed, base URL, tiles and AOI
+            is reused (any other catalog there is replaced).
         seed: seeds the field layout, land cover, reflectances and noise.
         base_url: if given, asset hrefs are ``base_url/cogs/...`` instead of absolute paths.
         overwrite: regenerate even if a complete catalog is there.
+        tiles: the tiles, each rendered at both dates (the first one also gets the duplicate
+            item of an older processing baseline).
+        aoi_wgs84: the region recorded in the returned info (west, south, east, north).
 
     Returns:
         What was written, with the known answers (AOI, dates, duplicate, cloudy date, fields).
     """
     root = Path(root).resolve()
     marker = root / "demo_catalog.json"
+    layout = _layout(tuple(tiles), aoi_wgs84)
     info = None if overwrite else _load_info(marker)
-    if info is not None and info.seed == seed and json.loads(marker.read_text()).get("base_url") == base_url:
-        return info
+    if info is not None and info.seed == seed:
+        raw = json.loads(marker.read_text())
+        if raw.get("base_url") == base_url and raw.get("layout") == layout:
+            return info
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    info = _generate(root, seed, base_url)
-    marker.write_text(json.dumps({"format": FORMAT, "base_url": base_url, **asdict(info)}, default=str, indent=1))
+    info = _generate(root, seed, base_url, tuple(tiles), tuple(aoi_wgs84))
+    extra = {} if layout is None else {"layout": layout}
+    marker.write_text(json.dumps({"format": FORMAT, "base_url": base_url, **extra, **asdict(info)}, default=str, indent=1))
     return info
 
 
-def _generate(root: Path, seed: int, base_url: str | None) -> CatalogInfo:
+def _generate(root: Path, seed: int, base_url: str | None, tiles: tuple[DemoTile, ...],
+              aoi_wgs84: tuple[float, float, float, float]) -> CatalogInfo:
     """Render the scene into every tile and date, write COGs, items, collection and fields."""
-    footprints = [tile_footprint_wgs84(t) for t in TILES]
+    footprints = [tile_footprint_wgs84(t) for t in tiles]
     bounds = shapely.union_all(footprints).bounds
     rng = np.random.default_rng(seed)
     scene = make_scene(rng, bounds)
     field_jitter = rng.uniform(0.85, 1.15, (len(scene.fields), 1))
     items, cloud = [], {}
-    classes = {t.tile_id: (class_raster(scene, t, GSD_M), class_raster(scene, t, SCL_GSD_M)) for t in TILES}
+    classes = {t.tile_id: (class_raster(scene, t, GSD_M), class_raster(scene, t, SCL_GSD_M)) for t in tiles}
     for d, when in enumerate(DATES):
         table = reflectance_table(np.random.default_rng([seed, d]), scene, field_jitter)
         processed = when.replace(hour=23, minute=12, second=5, microsecond=0)
-        for tile in TILES:
+        for tile in tiles:
             paths, cover = _render_tile_date(root, scene, tile, d, table, seed, classes[tile.tile_id])
             hrefs = {band: _href(p, root, base_url) for band, p in paths.items()}
             items.append(make_item(tile, when, processed, BASELINE, hrefs, cover))
             cloud[items[-1]["id"]] = cover
     dup_src = items[0]
-    dup = make_item(TILES[0], DATES[0], DATES[0].replace(hour=20, minute=1, second=0, microsecond=0), OLD_BASELINE,
+    dup = make_item(tiles[0], DATES[0], DATES[0].replace(hour=20, minute=1, second=0, microsecond=0), OLD_BASELINE,
                     {k: a["href"] for k, a in dup_src["assets"].items()}, dup_src["properties"]["eo:cloud_cover"])
     items.append(dup)
     cloud[dup["id"]] = dup["properties"]["eo:cloud_cover"]
@@ -521,7 +598,7 @@ def _generate(root: Path, seed: int, base_url: str | None) -> CatalogInfo:
     return CatalogInfo(
         root=root, collection_path=root / "collection.json", items_dir=root / "items",
         items_ndjson=root / "items.ndjson", fields_path=root / "fields.parquet",
-        aoi_wgs84=DEMO_AOI_WGS84, time_range=DEMO_TIME_RANGE, tiles={t.tile_id: t.epsg for t in TILES},
+        aoi_wgs84=aoi_wgs84, time_range=DEMO_TIME_RANGE, tiles={t.tile_id: t.epsg for t in tiles},
         dates=tuple(f"{d:%Y-%m-%d}" for d in DATES), item_ids=tuple(i["id"] for i in items),
         duplicate_item_id=dup["id"], cloudy_date=f"{DATES[CLOUDY_DATE_INDEX]:%Y-%m-%d}", cloud_cover=cloud,
         n_fields=len(scene.fields), boundary_field_ids=boundary, size_bytes=_dir_size(root), seed=seed,

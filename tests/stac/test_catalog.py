@@ -4,6 +4,7 @@ import json
 
 import geopandas as gpd
 import numpy as np
+import pytest
 import rasterio
 import shapely
 from pyproj import Transformer
@@ -114,3 +115,54 @@ def test_existing_catalog_is_reused(demo_catalog):
 
     again = make_demo_catalog(demo_catalog.root, seed=0)
     assert again == demo_catalog
+
+
+def test_bands_rendered_in_strips_equal_one_full_tile_draw():
+    """The strip renderer gives, byte for byte, what one full-tile noise draw gives (the demo's bytes)."""
+    from dataclasses import replace
+
+    from raysam.demo.catalog import GSD_M, TILES, _band_dn_in_strips, band_dn, cloud_opacity
+
+    tile = replace(TILES[1], size_px=1100)  # not a multiple of the strip height; holds the cloud
+    classes = np.random.default_rng(1).integers(0, 5, (1100, 1100)).astype("int32")
+    table = np.random.default_rng(2).uniform(0.01, 0.5, (5, 4))
+    opacity = cloud_opacity(tile, GSD_M)
+    assert opacity.max() > 0.5
+    full_rng, strip_rng = np.random.default_rng(7), np.random.default_rng(7)
+    for b in range(4):
+        noise = full_rng.normal(0.0, 4.0, (550, 550)).repeat(2, 0).repeat(2, 1)
+        expected = band_dn(table[classes, b], noise, opacity, b)
+        assert np.array_equal(_band_dn_in_strips(strip_rng, classes, table, b, tile, cloudy=True), expected)
+
+
+def test_a_larger_tile_makes_its_own_catalog(tmp_path):
+    from dataclasses import replace
+
+    from raysam.demo.catalog import TILES, DemoTile, make_demo_catalog, tile_footprint_wgs84, tile_inner_bbox_wgs84
+    from raysam.errors import ConfigError
+
+    tile = replace(TILES[1], size_px=1030)
+    aoi = tile_inner_bbox_wgs84(tile, 500.0)
+    info = make_demo_catalog(tmp_path / "big", tiles=(tile,), aoi_wgs84=aoi)
+    assert box(*aoi).within(tile_footprint_wgs84(tile))
+    assert info.aoi_wgs84 == aoi and info.tiles == {"16TBM": 32616} and len(info.item_ids) == 3
+    for item in _items(info):
+        assert item["assets"]["B02"]["proj:shape"] == [1030, 1030] and item["assets"]["SCL"]["proj:shape"] == [515, 515]
+        with rasterio.open(item["assets"]["B08"]["href"]) as ds:
+            assert ds.shape == (1030, 1030) and ds.read(1).min() > 0
+    assert make_demo_catalog(tmp_path / "big", tiles=(tile,), aoi_wgs84=aoi) == info  # reused
+    with pytest.raises(ConfigError, match="size_px=1031"):
+        DemoTile("16TBM", 32616, 0.0, 0.0, size_px=1031)
+
+
+def test_inner_bbox_of_a_full_size_tile_covers_most_of_it():
+    from dataclasses import replace
+
+    from raysam.demo.catalog import TILES, tile_footprint_wgs84, tile_inner_bbox_wgs84
+
+    tile = replace(TILES[1], size_px=10980)  # a full MGRS tile, 109.8 km
+    footprint, aoi = tile_footprint_wgs84(tile), box(*tile_inner_bbox_wgs84(tile, 500.0))
+    assert aoi.within(footprint)
+    # (108.8 / 109.8)^2 = 0.98, less the corners a lon/lat box loses to the UTM square's slant
+    # (16TBM lies 3 degrees west of its zone's central meridian: about 2 degrees of convergence)
+    assert aoi.area > 0.9 * footprint.area
