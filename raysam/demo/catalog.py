@@ -353,7 +353,7 @@ def write_cog(path: Path, data: np.ndarray, tile: DemoTile, gsd_m: float, resamp
     profile = dict(
         driver="COG", width=data.shape[1], height=data.shape[0], count=1, dtype=data.dtype.name,
         crs=f"EPSG:{tile.epsg}", transform=tile_transform(tile, gsd_m), nodata=0,
-        compress="ZSTD", zstd_level=9, predictor=2, blocksize=512, overview_resampling=resampling,
+        compress="ZSTD", predictor=2, blocksize=512, overview_resampling=resampling,  # ZSTD level: 9, the default
     )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
