@@ -150,8 +150,7 @@ def prepare_work_dir(root: OutputRoot, group_work_dir: str, fingerprint: str, gr
     A work directory left by a different fingerprint (another configuration, other items) is
     removed first. Call only while holding the group's lock.
     """
-    stored = root.read_json(f"{group_work_dir}/{FINGERPRINT_FILE}")
-    if stored is not None and stored.get("fingerprint") == fingerprint:
+    if _is_ours(root, group_work_dir, fingerprint):
         return count_shards(root, group_work_dir)
     if root.storage.exists(group_work_dir):
         log.info("date group %s: removed a work directory left by another configuration (%s)",
@@ -169,7 +168,9 @@ def count_shards(root: OutputRoot, group_work_dir: str) -> int:
 
 def checkpointed_chips(root: OutputRoot, group_work_dir: str, fingerprint: str) -> int:
     """Chips already checkpointed for this fingerprint (0 when the work directory is another's)."""
+    return count_shards(root, group_work_dir) if _is_ours(root, group_work_dir, fingerprint) else 0
+
+
+def _is_ours(root: OutputRoot, group_work_dir: str, fingerprint: str) -> bool:
     stored = root.read_json(f"{group_work_dir}/{FINGERPRINT_FILE}")
-    if stored is None or stored.get("fingerprint") != fingerprint:
-        return 0
-    return count_shards(root, group_work_dir)
+    return stored is not None and stored.get("fingerprint") == fingerprint
