@@ -20,7 +20,6 @@ import numpy as np
 from raysam.errors import ConfigError, DataError
 from raysam.sam import contract
 from raysam.sam.masks import (
-    AxisRuns,
     CompactMasks,
     MaskData,
     batch_iterator,
@@ -31,14 +30,13 @@ from raysam.sam.masks import (
     build_all_layer_point_grids,
     generate_crop_boxes,
     is_box_near_crop_edge,
-    postprocess_taps,
     stability_from_counts,
     uncrop_boxes_xyxy,
     uncrop_points,
-    upsample_thresholded_batch,
 )
 from raysam.sam.model import SamModel
 from raysam.sam.params import AmgParams
+from raysam.sam.upsample import AxisRuns, postprocess_taps, upsample_thresholded_batch
 
 T = TypeVar("T")
 R = TypeVar("R")
