@@ -309,6 +309,9 @@ class CompactMasks:
         crop_box_xyxy: (N, 4) int32 half-open crop boxes the masks came from.
         mask_bits: N uint8 arrays, ``np.packbits(mask[y0:y1+1, x0:x1+1], axis=1)``.
         image_hw: (H, W) of the image the masks belong to.
+        prompt_round: (N,) int32 round whose prompt gave each mask: 0 for the point grid,
+            k for the k-th coverage round.
+        n_prompts: Decoder prompts spent on the image (all crops and rounds), kept or not.
     """
 
     box_xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
@@ -319,6 +322,8 @@ class CompactMasks:
     crop_box_xyxy: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int32))
     mask_bits: list[np.ndarray] = field(default_factory=list)
     image_hw: tuple[int, int] = (0, 0)
+    prompt_round: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    n_prompts: int = 0
 
     def __len__(self) -> int:
         return len(self.mask_bits)
@@ -332,9 +337,9 @@ class CompactMasks:
         return paste_mask(self.mask_bits[i], self.box_xyxy[i], self.image_hw)
 
     @classmethod
-    def from_mask_data(cls, data: MaskData, image_hw: tuple[int, int]) -> CompactMasks:
+    def from_mask_data(cls, data: MaskData, image_hw: tuple[int, int], n_prompts: int = 0) -> CompactMasks:
         """Build from a :class:`MaskData` with boxes, iou_preds, stability_score, areas,
-        points, crop_boxes and bits columns."""
+        points, crop_boxes, bits and (optionally) rounds columns."""
         return cls(
             box_xyxy=np.asarray(data["boxes"], np.int32).reshape(-1, 4),
             predicted_iou=np.asarray(data["iou_preds"], np.float32),
@@ -344,4 +349,7 @@ class CompactMasks:
             crop_box_xyxy=np.asarray(data["crop_boxes"], np.int32).reshape(-1, 4),
             mask_bits=list(data["bits"]),
             image_hw=(int(image_hw[0]), int(image_hw[1])),
+            prompt_round=(np.asarray(data["rounds"], np.int32) if "rounds" in data
+                          else np.zeros(len(data), np.int32)),
+            n_prompts=int(n_prompts),
         )
