@@ -72,6 +72,10 @@ class SamSchema:
     chip_nms_thr: float = 0.7
     mask_nms_thr: float = 0.5
     multimask: bool = True
+    prompts: str = "grid"
+    coverage_min_area_px: int = 400
+    coverage_max_rounds: int = 3
+    coverage_max_points: int = 128
     merge_iou: str = "mask"
     band_names: list[str] = field(default_factory=lambda: ["R", "G", "B"])
     band_scaling: list[float] | None = None
@@ -326,6 +330,8 @@ def to_run_config(cfg: Any) -> RunConfig:
             stability_score_offset=sam["stability_score_offset"], chip_nms_thr=sam["chip_nms_thr"],
             n_crop_layers=sam["n_crop_layers"], crop_overlap_ratio=sam["crop_overlap_ratio"],
             crop_n_points_downscale_factor=sam["crop_n_points_downscale_factor"], multimask=sam["multimask"],
+            prompts=sam["prompts"], coverage_min_area_px=sam["coverage_min_area_px"],
+            coverage_max_rounds=sam["coverage_max_rounds"], coverage_max_points=sam["coverage_max_points"],
         ),
         chip=ChipConfig(
             spatial_overlap=sam["spatial_overlap"], band_names=tuple(sam["band_names"]),

@@ -89,3 +89,15 @@ def test_secret_override_moves_to_environment(monkeypatch):
 
 def test_conf_dir_is_the_repository_conf():
     assert (Path(CONF_DIR) / "config.yaml").exists()
+
+
+def test_coverage_prompts_reach_the_generator_parameters():
+    run = to_run_config(_compose("region=iowa"))
+    assert run.amg.prompts == "grid"  # the seed-compatible default
+    run = to_run_config(_compose("region=iowa", "sam.prompts=coverage", "sam.coverage_min_area_px=900",
+                                 "sam.coverage_max_rounds=2", "sam.coverage_max_points=64"))
+    assert (run.amg.prompts, run.amg.coverage_min_area_px, run.amg.coverage_max_rounds,
+            run.amg.coverage_max_points) == ("coverage", 900, 2, 64)
+    with pytest.raises(ConfigError) as err:
+        to_run_config(_compose("region=iowa", "sam.prompts=random"))
+    assert str(err.value) == "prompts must be one of grid, coverage, got 'random'"
