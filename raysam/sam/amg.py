@@ -172,7 +172,10 @@ class AutomaticMaskGenerator:
         used = 0
         for prompt_round in range(1, p.coverage_max_rounds + 1):
             free = valid & ~tried & ~self._covered(data, valid.shape)
-            prompts = place_prompts(free, p.coverage_min_area_px, p.coverage_max_points - used)
+            # What is left of the budget, spread over the rounds left: a later round sees what
+            # the earlier ones found, and its deepest holes beat this round's shallow ones.
+            share = -(-(p.coverage_max_points - used) // (p.coverage_max_rounds - prompt_round + 1))
+            prompts = place_prompts(free, p.coverage_min_area_px, share)
             if not len(prompts):
                 break
             data.cat(decode_round(prompts.points_xy, prompt_round))

@@ -39,7 +39,8 @@ class AmgParams:
             a square of at least this many pixels around the prompt.
         coverage_max_rounds: Coverage rounds after the grid at most (each decodes the new
             prompts, then looks at what is still uncovered).
-        coverage_max_points: Coverage prompts per crop at most, all rounds together.
+        coverage_max_points: Coverage prompts per crop at most, all rounds together; each
+            round may use an even share of what the earlier rounds left.
     """
 
     points_per_side: int | None = 16
@@ -58,8 +59,9 @@ class AmgParams:
     # 20 x 20 px: 4 ha at Sentinel-2's 10 m, well below a field; roads and margins never hold it.
     coverage_min_area_px: int = 400
     coverage_max_rounds: int = 3
-    # Half the seed's 16 x 16 grid: coverage costs at most 1.5x the grid's decoder prompts.
-    coverage_max_points: int = 128
+    # With the seed's 16 x 16 grid, a chip's decoder prompts stay under 40 % of a 32 x 32 grid's
+    # (256 + 150 = 406 of 1024), the cost target of issue 13.
+    coverage_max_points: int = 150
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -226,9 +226,9 @@ def test_max_rounds_max_points_and_min_area_are_respected(model, scene: FieldSce
     one_round, calls = run(coverage_max_rounds=1)
     assert len(calls.calls) == 2 and set(one_round.prompt_round.tolist()) == {0, 1}
     two_points, calls = run(coverage_max_points=2)
-    assert [len(c) for c in calls.calls] == [16, 2] and two_points.n_prompts == 18
+    assert [len(c) for c in calls.calls] == [16, 1, 1] and two_points.n_prompts == 18  # ceil(2/3), ceil(1/2)
     budget, calls = run(coverage_max_points=30)
-    assert sum(len(c) for c in calls.calls[1:]) == 30 == budget.n_prompts - 16
+    assert [len(c) for c in calls.calls] == [16, 10, 10, 10] and budget.n_prompts == 46  # spread over 3 rounds
     # min_area: every coverage prompt sits in a free square that holds it ...
     min_area = 60 * 60
     big, calls = run(coverage_min_area_px=min_area, coverage_max_rounds=1)
