@@ -75,7 +75,7 @@ class SamSchema:
     prompts: str = "grid"
     coverage_min_area_px: int = 400
     coverage_max_rounds: int = 3
-    coverage_max_points: int = 128
+    coverage_max_points: int = 150
     merge_iou: str = "mask"
     band_names: list[str] = field(default_factory=lambda: ["R", "G", "B"])
     band_scaling: list[float] | None = None
