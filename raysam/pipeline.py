@@ -169,6 +169,7 @@ class RunStats:
         self.read: dict[str, set] = {}
         self.skipped: dict[str, dict] = {}
         self.masks: dict[str, dict] = {}
+        self.prompts: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}
         self.model_loads: list[tuple[int, str]] = []
         self.processes: dict[int, dict] = {}
@@ -185,8 +186,10 @@ class RunStats:
         if proc:
             self.process_peak(*proc)
 
-    def chip_masks(self, group_id: str, chip: str, count: int, seconds: float, proc: tuple | None = None) -> None:
+    def chip_masks(self, group_id: str, chip: str, count: int, seconds: float, proc: tuple | None = None,
+                   prompts: int = 0) -> None:
         self.masks.setdefault(group_id, {})[chip] = count
+        self.prompts.setdefault(group_id, {})[chip] = prompts
         self.seconds["sam"] = self.seconds.get("sam", 0.0) + seconds
         if proc:
             self.process_peak(*proc)
@@ -245,6 +248,7 @@ class RunStats:
             "chips_skipped": len(skipped),
             "chips_skipped_by_reason": reasons,
             "masks_before_merge": int(sum(self.masks.get(group_id, {}).values())),
+            "decoder_prompts": int(sum(self.prompts.get(group_id, {}).values())),
             "resources": self.resources(),
         }
 
@@ -328,12 +332,12 @@ class SamStage:
         for blob, rgb, valid_bits in zip(batch["task"], batch["rgb"], batch["valid_bits"], strict=True):
             task = pickle.loads(blob)
             t0 = time.perf_counter()
-            masks = self.generator.generate_compact(rgb)
             valid = np.unpackbits(valid_bits, count=rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(bool)
+            masks = self.generator.generate_compact(rgb, valid)
             chip_rows = records.chip_mask_rows(task, masks, valid)
             time.sleep(self.delay_s)
             self.stats.chip_masks.remote(task.date_group_id, records.chip_key(task.chip_id), len(chip_rows),
-                                         time.perf_counter() - t0, _process_info("sam"))
+                                         time.perf_counter() - t0, _process_info("sam"), masks.n_prompts)
             rows.extend(chip_rows)
         return records.rows_to_columns(rows)
 
