@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK_PX = 4  # placement grid: one SAM low-res mask pixel (1024 / 256) of a full-size chip
-# A decoded prompt's neighbourhood is not prompted again: the central part of its free square,
-# half its side. Large enough that the next round does not prompt beside a failed prompt, small
-# enough that the rest of a blob it did not explain (a second field) is prompted. Of 0.1, 0.25,
-# 0.5 and 0.75, 0.25 found the most fields on synthetic field scenes (raysam.demo.synthetic)
-# and on the demo region's chips, at the same prompt budget.
+# A decoded prompt's neighbourhood is not prompted again: a centred square of this fraction of
+# its free square's side. Large enough that the next round does not prompt right beside a
+# failed prompt, small enough that the rest of a blob it did not explain (a second field) is
+# prompted. Of 0.1, 0.25, 0.5 and 0.75, 0.25 found the most fields on synthetic field scenes
+# (raysam.demo.synthetic) and on the demo region's chips, at the same prompt budget.
 TRIED_FRACTION = 0.25
 
 
@@ -138,7 +138,7 @@ def place_prompts(free_px: np.ndarray, min_area_px: int, max_points: int, block_
 
 
 def mark_tried(tried_px: np.ndarray, prompts: CoveragePrompts, fraction: float) -> None:
-    """Mark the central ``fraction`` of each prompt's free square as tried (in place)."""
+    """Mark a centred square of ``fraction`` of each prompt's free square's side as tried (in place)."""
     h, w = tried_px.shape
     for (x, y), half in zip(prompts.points_xy, prompts.half_side_px, strict=True):
         r = max(1, int(round(half * fraction)))

@@ -265,3 +265,17 @@ def test_bad_valid_mask_is_one_line(model, scene: FieldScene, valid: np.ndarray,
     with pytest.raises(DataError) as err:
         AutomaticMaskGenerator(model, **COVERAGE).generate_compact(scene.image_rgb, valid)
     assert str(err.value) == message
+
+
+def test_coverage_runs_in_every_crop_of_a_crop_layer(model, scene: FieldScene) -> None:
+    params = dict(COVERAGE, n_crop_layers=1, crop_overlap_ratio=0.25, coverage_max_points=20)
+    recording, decoder = _recording(model)
+    masks = AutomaticMaskGenerator(recording, **params).generate_compact(scene.image_rgb)
+    grid_calls = [c for c in decoder.calls if len(c) == 16]  # 4x4 points in each of the 5 crops
+    assert len(grid_calls) == 5
+    assert masks.n_prompts == sum(map(len, decoder.calls)) <= 5 * (16 + 20)
+    assert masks.n_prompts > 5 * 16 and (masks.prompt_round > 0).any()
+    # Coverage prompts are in crop coordinates; each lies inside its crop.
+    for i in np.flatnonzero(masks.prompt_round > 0):
+        x0, y0, x1, y1 = masks.crop_box_xyxy[i]
+        assert x0 <= masks.point_coords[i, 0] < x1 and y0 <= masks.point_coords[i, 1] < y1
