@@ -129,9 +129,10 @@ class AutomaticMaskGenerator:
         embeddings = self.model.encode(encoder_input)
         taps = self._crop_taps(input_hw, crop_hw)
 
-        def decode(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def decode(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             coords = self.model.apply_coords(points, crop_hw)[:, None, :]
-            return self.model.decode(embeddings, coords, np.ones(coords.shape[:2], np.float32))
+            return self.model.decode_kept(embeddings, coords, np.ones(coords.shape[:2], np.float32),
+                                          self._has_candidate)
 
         def decode_round(points_for_image: np.ndarray, prompt_round: int) -> MaskData:
             """Decode points in batches (the next ones ahead, in threads); filter each batch."""
@@ -200,28 +201,42 @@ class AutomaticMaskGenerator:
         return (AxisRuns.from_taps(postprocess_taps(low, size, input_hw[0], crop_hw[0])),
                 AxisRuns.from_taps(postprocess_taps(low, size, input_hw[1], crop_hw[1])))
 
+    @property
+    def _tokens(self) -> slice:
+        """The mask tokens whose masks are candidates: SAM's three multimask ones, or token 0."""
+        return slice(1, contract.NUM_MASK_TOKENS) if self.params.multimask else slice(0, 1)
+
+    def _has_candidate(self, iou: np.ndarray) -> np.ndarray:
+        """(B,) bool: prompts with a candidate that passes the predicted-IoU filter."""
+        if self.params.pred_iou_thresh <= 0.0:
+            return np.ones(len(iou), bool)
+        return (iou[:, self._tokens] > self.params.pred_iou_thresh).any(axis=1)
+
     def _process_batch(
         self,
         points: np.ndarray,
-        decoded: tuple[np.ndarray, np.ndarray],
+        decoded: tuple[np.ndarray, np.ndarray, np.ndarray],
         crop_hw: tuple[int, int],
         taps: tuple[AxisRuns, AxisRuns],
         crop_box: list[int],
         orig_size: tuple[int, int],
     ) -> MaskData:
         p = self.params
-        iou, low_res = decoded
-        tokens = slice(1, contract.NUM_MASK_TOKENS) if p.multimask else slice(0, 1)
-        n_tok = len(range(contract.NUM_MASK_TOKENS)[tokens])
+        iou, low_res, rows = decoded  # logits only of the prompts ``rows`` (the others have no candidate)
+        n_tok = len(range(contract.NUM_MASK_TOKENS)[self._tokens])
+        logits: list[np.ndarray | None] = [None] * (len(iou) * n_tok)
+        for row, masks in zip(rows, low_res[:, self._tokens]):
+            logits[row * n_tok : (row + 1) * n_tok] = list(masks)  # views, no copies
         data = MaskData(
-            logits=[m for masks in low_res[:, tokens] for m in masks],  # views, no copies
-            iou_preds=iou[:, tokens].reshape(-1).astype(np.float32),
+            logits=logits,
+            iou_preds=iou[:, self._tokens].reshape(-1).astype(np.float32),
             points=np.repeat(points, n_tok, axis=0),
         )
         # Filter by predicted IoU before any upsampling.
         if p.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > p.pred_iou_thresh)
-        self._upsample(data, taps, abs_max=max(float(low_res.max()), -float(low_res.min())))
+        abs_max = max(float(low_res.max()), -float(low_res.min())) if low_res.size else 0.0
+        self._upsample(data, taps, abs_max=abs_max)
         if p.stability_score_thresh > 0.0:
             data.filter(data["stability_score"] >= p.stability_score_thresh)
         self._boxes_and_bits(data)

@@ -107,3 +107,43 @@ def test_bad_images(model, image: np.ndarray, message: str) -> None:
     with pytest.raises(DataError) as err:
         AutomaticMaskGenerator(model).generate_compact(image)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("pred_iou_thresh", [0.0, 0.88, 0.96, 0.97])
+def test_split_decoder_gives_the_same_masks(tiny_model_dir: Path, tiny_image: np.ndarray, pred_iou_thresh: float) -> None:
+    """Prompts without a candidate above the threshold skip the upscaling; the masks do not change.
+
+    The fixture predicts 0.97, 0.95 and 0.93 for tokens 1..3: at 0.96 only token 1 passes, at
+    0.97 nothing does (every prompt is dropped before the upscaling).
+    """
+    params = dict(points_per_side=8, pred_iou_thresh=pred_iou_thresh)
+    split = AutomaticMaskGenerator(load_model(tiny_model_dir, device="cpu"), **params).generate_compact(tiny_image)
+    one = AutomaticMaskGenerator(load_model(tiny_model_dir, device="cpu", split_decoder=False),
+                                 **params).generate_compact(tiny_image)
+    assert (len(one) > 0) == (pred_iou_thresh < 0.97)
+    np.testing.assert_array_equal(split.box_xyxy, one.box_xyxy)
+    np.testing.assert_array_equal(split.predicted_iou, one.predicted_iou)
+    np.testing.assert_array_equal(split.stability_score, one.stability_score)
+    assert all(np.array_equal(a, b) for a, b in zip(split.mask_bits, one.mask_bits, strict=True))
+
+
+def test_split_decoder_drops_some_prompts_and_keeps_the_masks(tmp_path: Path, tiny_image: np.ndarray) -> None:
+    """A SAM whose predicted IoU varies by prompt: the prompts without a candidate are dropped."""
+    pytest.importorskip("torch")
+    from raysam.export import export_sam
+    from tests.tiny_sam import build_random_sam
+
+    model_dir = export_sam(build_random_sam(seed=0), tmp_path / "random", model_type="vit_tiny")
+    params = dict(points_per_side=16, pred_iou_thresh=1.0, stability_score_thresh=0.0)
+    split_model = load_model(model_dir, device="cpu")
+    gen = AutomaticMaskGenerator(split_model, **params)
+    emb = split_model.encode(split_model.preprocess(tiny_image)[0])
+    iou, _ = split_model.decode(emb, gen.point_grids[0][:, None, :] * 1024, np.ones((256, 1)))
+    dropped = int((~gen._has_candidate(iou)).sum())
+    assert 0 < dropped < 256  # the split really skips some prompts' upscaling
+    split = gen.generate_compact(tiny_image)
+    one = AutomaticMaskGenerator(load_model(model_dir, device="cpu", split_decoder=False), **params).generate_compact(tiny_image)
+    assert len(one) > 0
+    np.testing.assert_array_equal(split.box_xyxy, one.box_xyxy)
+    np.testing.assert_array_equal(split.stability_score, one.stability_score)
+    assert all(np.array_equal(a, b) for a, b in zip(split.mask_bits, one.mask_bits, strict=True))
