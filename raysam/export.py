@@ -564,7 +564,8 @@ def export_sam(sam: Any, out_dir: str | Path, model_type: str = "vit_b", precisi
         opset: the ONNX opset.
 
     Returns:
-        ``out_dir`` as a Path, holding ``encoder.onnx``, ``decoder.onnx`` and ``manifest.json``.
+        ``out_dir`` as a Path, holding ``encoder.onnx``, ``decoder.onnx`` (also split in
+        ``decoder_head.onnx`` and ``decoder_masks.onnx``) and ``manifest.json``.
 
     Raises:
         ConfigError: unknown precision or model type.
