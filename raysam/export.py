@@ -7,6 +7,11 @@ renamed into place). The decoder graph reproduces ``Sam.prompt_encoder`` (points
 padding point appended, no mask input) followed by ``MaskDecoder.predict_masks``; it keeps all
 four mask tokens and leaves upsampling and thresholding to the generator.
 
+The same decoder is also written split in two (``decoder_head.onnx``: prompts -> predicted IoU,
+per-prompt mask features and hypernetwork outputs; ``decoder_masks.onnx``: the chosen prompts'
+mask features -> low-res masks), so that the generator can drop prompts whose candidates all
+fail the predicted-IoU filter before the upscaling, which is about half of the decoder's work.
+
 Checkpoint downloads (with resume and checksum) live in :mod:`raysam.download`.
 """
 
@@ -88,19 +93,22 @@ def _decoder_module(sam: Any) -> Any:
                 embedding = embedding + weight * (labels == label)
             return embedding
 
-        def predict_masks(self, image_embeddings: Any, sparse: Any) -> tuple[Any, Any]:
-            """``MaskDecoder.predict_masks`` with the no-mask dense embedding.
+        def head(self, image_embeddings: Any, point_coords: Any, point_labels: Any) -> tuple[Any, Any, Any]:
+            """``MaskDecoder.predict_masks`` (no-mask dense embedding) up to the upscaling.
 
-            The image side enters the transformer at batch 1 (see :func:`_two_way_transformer`)
-            and the masks are upscaled channels-last (see :func:`_upscale_masks`).
+            The image side enters the transformer at batch 1 (see :func:`_two_way_transformer`).
+
+            Returns:
+                Predicted IoU (B, T), the per-prompt image tokens after the transformer
+                (B, h*w, C) and the hypernetwork outputs (B, T, C/8).
             """
             decoder = self.mask_decoder
+            sparse = self.embed_points(point_coords, point_labels)
             batch = sparse.shape[0]
             output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
             tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
             no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
             src = image_embeddings + no_mask
-            _, _, h, w = image_embeddings.shape
             image_pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
             hs, src = _two_way_transformer(decoder.transformer, src.flatten(2).transpose(1, 2),
                                            image_pe, tokens)
@@ -110,14 +118,46 @@ def _decoder_module(sam: Any) -> Any:
                 [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
                 dim=1,
             )
-            masks = _upscale_masks(decoder.output_upscaling, src, hyper_in, h, w)
-            return decoder.iou_prediction_head(hs[:, 0, :]), masks
+            return decoder.iou_prediction_head(hs[:, 0, :]), src, hyper_in
+
+        def masks(self, src: Any, hyper_in: Any) -> Any:
+            """The upscaling and hypernetwork product, channels-last (see :func:`_upscale_masks`)."""
+            h, w = self.prompt_encoder.image_embedding_size
+            return _upscale_masks(self.mask_decoder.output_upscaling, src, hyper_in, h, w)
 
         def forward(self, image_embeddings: Any, point_coords: Any, point_labels: Any) -> tuple[Any, Any]:
-            sparse = self.embed_points(point_coords, point_labels)
-            return self.predict_masks(image_embeddings, sparse)
+            iou, src, hyper_in = self.head(image_embeddings, point_coords, point_labels)
+            return iou, self.masks(src, hyper_in)
 
     return SamDecoderOnnx().eval()
+
+
+def _decoder_parts(sam: Any) -> tuple[Any, Any]:
+    """The decoder of :func:`_decoder_module` as two graphs: its head, and its masks for chosen rows.
+
+    The second gathers the rows ``prompt_rows`` of the head's per-prompt outputs and computes
+    only their masks, with the same operations as the one-graph decoder.
+    """
+    torch = _import_torch()
+    decoder = _decoder_module(sam)
+
+    class SamDecoderHeadOnnx(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, image_embeddings: Any, point_coords: Any, point_labels: Any) -> tuple[Any, Any, Any]:
+            return self.decoder.head(image_embeddings, point_coords, point_labels)
+
+    class SamDecoderMasksOnnx(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, mask_features: Any, hyper_in: Any, prompt_rows: Any) -> Any:
+            return self.decoder.masks(mask_features.index_select(0, prompt_rows), hyper_in.index_select(0, prompt_rows))
+
+    return SamDecoderHeadOnnx().eval(), SamDecoderMasksOnnx().eval()
 
 
 def _two_way_transformer(transformer: Any, image: Any, image_pe: Any, tokens: Any) -> tuple[Any, Any]:
@@ -340,7 +380,7 @@ def _to_fp16(model: Any) -> Any:
 
 
 def _sam_shapes(sam: Any) -> dict[str, int]:
-    """Read the image size, embedding shape and token count off a Sam module."""
+    """Read the image size, embedding shape, token count and decoder widths off a Sam module."""
     embedding_h, embedding_w = sam.prompt_encoder.image_embedding_size
     return {
         "image_size": int(sam.image_encoder.img_size),
@@ -349,6 +389,8 @@ def _sam_shapes(sam: Any) -> dict[str, int]:
         "low_res_size": 4 * int(embedding_h),
         "num_mask_tokens": int(sam.mask_decoder.num_mask_tokens),
         "embedding_w": int(embedding_w),
+        "transformer_dim": int(sam.mask_decoder.transformer_dim),
+        "hyper_dim": int(sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1].out_features),
     }
 
 
@@ -407,11 +449,14 @@ def _file_entry(path: Path, inputs: list[dict], outputs: list[dict]) -> dict[str
 
 
 def _io_specs(shapes: dict[str, int]) -> dict[str, list[dict]]:
-    """Names, shapes ("B"/"N" dynamic) and dtypes of both graphs' inputs and outputs."""
+    """Names, shapes ("B"/"N"/"K" dynamic) and dtypes of the graphs' inputs and outputs."""
     side, dim, emb, low, tokens = (shapes[k] for k in ("image_size", "embedding_dim", "embedding_side", "low_res_size", "num_mask_tokens"))
 
-    def spec(name: str, shape: list) -> dict:
-        return {"name": name, "shape": shape, "dtype": "float32"}
+    def spec(name: str, shape: list, dtype: str = "float32") -> dict:
+        return {"name": name, "shape": shape, "dtype": dtype}
+
+    features = [spec("mask_features", ["B", emb * emb, shapes["transformer_dim"]]),
+                spec("hyper_in", ["B", tokens, shapes["hyper_dim"]])]
 
     return {
         "encoder_inputs": [spec("image", [1, 3, side, side])],
@@ -425,6 +470,9 @@ def _io_specs(shapes: dict[str, int]) -> dict[str, list[dict]]:
             spec("iou_predictions", ["B", tokens]),
             spec("low_res_masks", ["B", tokens, low, low]),
         ],
+        "decoder_head_outputs": [spec("iou_predictions", ["B", tokens]), *features],
+        "decoder_masks_inputs": [*features, spec("prompt_rows", ["K"], "int64")],
+        "decoder_masks_outputs": [spec("low_res_masks", ["K", tokens, low, low])],
     }
 
 
@@ -459,6 +507,10 @@ def build_manifest(sam: Any, model_dir: Path, model_type: str, precision: str,
         "pixel_std": [float(v) for v in sam.pixel_std.flatten()],
         "encoder": _file_entry(model_dir / contract.ENCODER_FILE, io["encoder_inputs"], io["encoder_outputs"]),
         "decoder": _file_entry(model_dir / contract.DECODER_FILE, io["decoder_inputs"], io["decoder_outputs"]),
+        "decoder_head": _file_entry(model_dir / contract.DECODER_HEAD_FILE, io["decoder_inputs"],
+                                    io["decoder_head_outputs"]),
+        "decoder_masks": _file_entry(model_dir / contract.DECODER_MASKS_FILE, io["decoder_masks_inputs"],
+                                     io["decoder_masks_outputs"]),
         "opset": opset,
         "precision": precision,
         "io_dtype": "float32",
@@ -469,7 +521,7 @@ def build_manifest(sam: Any, model_dir: Path, model_type: str, precision: str,
 
 
 def _write_graphs(sam: Any, tmp_dir: Path, precision: str, opset: int) -> None:
-    """Export both graphs of ``sam`` into ``tmp_dir`` (float32, then float16 if asked)."""
+    """Export the graphs of ``sam`` into ``tmp_dir`` (float32, then float16 if asked)."""
     torch = _import_torch()
     encoder_args, decoder_args = _example_inputs(torch, _sam_shapes(sam))
     io, fp16 = _io_specs(_sam_shapes(sam)), precision == "fp16"
@@ -477,6 +529,14 @@ def _write_graphs(sam: Any, tmp_dir: Path, precision: str, opset: int) -> None:
                   (io["encoder_inputs"], io["encoder_outputs"]), opset, fp16)
     _export_graph(_decoder_module(sam), decoder_args, tmp_dir / contract.DECODER_FILE,
                   (io["decoder_inputs"], io["decoder_outputs"]), opset, fp16)
+    head, masks = _decoder_parts(sam)
+    _export_graph(head, decoder_args, tmp_dir / contract.DECODER_HEAD_FILE,
+                  (io["decoder_inputs"], io["decoder_head_outputs"]), opset, fp16)
+    with torch.no_grad():
+        _, features, hyper_in = head(*decoder_args)
+    rows = torch.tensor([1, 0], dtype=torch.int64)  # the example batch's two prompts, reordered
+    _export_graph(masks, (features, hyper_in, rows), tmp_dir / contract.DECODER_MASKS_FILE,
+                  (io["decoder_masks_inputs"], io["decoder_masks_outputs"]), opset, fp16)
 
 
 def _replace_dir(tmp_dir: Path, out_dir: Path) -> None:
@@ -504,7 +564,8 @@ def export_sam(sam: Any, out_dir: str | Path, model_type: str = "vit_b", precisi
         opset: the ONNX opset.
 
     Returns:
-        ``out_dir`` as a Path, holding ``encoder.onnx``, ``decoder.onnx`` and ``manifest.json``.
+        ``out_dir`` as a Path, holding ``encoder.onnx``, ``decoder.onnx`` (also split in
+        ``decoder_head.onnx`` and ``decoder_masks.onnx``) and ``manifest.json``.
 
     Raises:
         ConfigError: unknown precision or model type.

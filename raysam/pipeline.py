@@ -193,11 +193,11 @@ class SamStage:
             task = pickle.loads(blob)
             reset_peak()
             t0 = time.perf_counter()
-            masks = self.generator.generate_compact(rgb)
             valid = np.unpackbits(valid_bits, count=rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(bool)
+            masks = self.generator.generate_compact(rgb, valid)
             chip_records = records.chip_records(task, masks, valid)
             time.sleep(self.delay_s)
-            prompts = int(getattr(masks, "n_prompts", 0))
+            prompts = int(masks.n_prompts)
             seconds = time.perf_counter() - t0
             outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SEGMENTED, "", chip_records.num_rows,
                                              prompts, round(seconds, 3))

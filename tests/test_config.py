@@ -145,3 +145,15 @@ def test_a_setting_is_named_by_its_yaml_path_in_errors():
         to_run_config(_compose("region=iowa", "network.timeout_s=0"))
     with pytest.raises(ConfigError, match=r"^sam.band_scaling needs one value per band"):
         to_run_config(_compose("region=iowa", "sam.band_scaling=[1e-4]"))
+
+
+def test_coverage_prompts_reach_the_generator_parameters():
+    run = to_run_config(_compose("region=iowa"))
+    assert run.amg.prompts == "grid"  # the seed-compatible default
+    run = to_run_config(_compose("region=iowa", "sam.prompts=coverage", "sam.coverage_min_area_px=900",
+                                 "sam.coverage_max_rounds=2", "sam.coverage_max_points=64"))
+    assert (run.amg.prompts, run.amg.coverage_min_area_px, run.amg.coverage_max_rounds,
+            run.amg.coverage_max_points) == ("coverage", 900, 2, 64)
+    with pytest.raises(ConfigError) as err:
+        to_run_config(_compose("region=iowa", "sam.prompts=random"))
+    assert str(err.value) == "sam.prompts must be one of grid, coverage, got 'random'"

@@ -142,7 +142,12 @@ def test_manifest_describes_the_files(model_dir, tiny_sam):
         assert (entry["file"], entry["bytes"], entry["external_data"]) == (file_name, len(data), None)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(
-        [contract.ENCODER_FILE, contract.DECODER_FILE, contract.MANIFEST_NAME])
+        [contract.ENCODER_FILE, contract.DECODER_FILE, contract.DECODER_HEAD_FILE, contract.DECODER_MASKS_FILE,
+         contract.MANIFEST_NAME])
+    for key, file_name in (("decoder_head", contract.DECODER_HEAD_FILE), ("decoder_masks", contract.DECODER_MASKS_FILE)):
+        data = (model_dir / file_name).read_bytes()
+        assert (manifest[key]["file"], manifest[key]["bytes"]) == (file_name, len(data))
+        assert manifest[key]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def _graph_io(path: Path) -> dict[str, list]:
@@ -160,6 +165,29 @@ def test_manifest_io_matches_the_graphs(model_dir):
         assert {spec["dtype"] for spec in declared} == {"float32"}
     assert [s["name"] for s in manifest["decoder"]["inputs"]] == list(contract.DECODER_INPUTS)
     assert [s["name"] for s in manifest["decoder"]["outputs"]] == list(contract.DECODER_OUTPUTS)
+    for key, file_name in (("decoder_head", contract.DECODER_HEAD_FILE), ("decoder_masks", contract.DECODER_MASKS_FILE)):
+        declared = manifest[key]["inputs"] + manifest[key]["outputs"]
+        assert {spec["name"]: spec["shape"] for spec in declared} == _graph_io(model_dir / file_name)
+    assert [s["name"] for s in manifest["decoder_head"]["outputs"]] == list(contract.DECODER_HEAD_OUTPUTS)
+    assert [s["name"] for s in manifest["decoder_masks"]["inputs"]] == list(contract.DECODER_MASKS_INPUTS)
+
+
+@pytest.mark.parametrize("seed", [None, 5])  # the fixture, and a SAM where no weight is zero
+def test_split_decoder_gives_the_one_graph_decoders_values(tmp_path, seed):
+    sam = build_tiny_sam() if seed is None else build_random_sam(seed=seed)
+    model_dir = export_sam(sam, tmp_path / "m", model_type="vit_tiny")
+    rng = np.random.default_rng(3)
+    feeds = {"image_embeddings": rng.normal(size=(1, 64, 64, 64)).astype(np.float32),
+             "point_coords": rng.uniform(0, 1024, (7, 2, 2)).astype(np.float32),
+             "point_labels": np.array([[1, 0]] * 4 + [[1, 1]] * 3, np.float32)}
+    iou, low_res = _session(model_dir / contract.DECODER_FILE).run(None, feeds)
+    head_iou, features, hyper_in = _session(model_dir / contract.DECODER_HEAD_FILE).run(None, feeds)
+    np.testing.assert_array_equal(head_iou, iou)
+    masks = _session(model_dir / contract.DECODER_MASKS_FILE)
+    for rows in ([6, 0, 3], [2], list(range(7))):
+        (picked,) = masks.run(None, {"mask_features": features, "hyper_in": hyper_in,
+                                     "prompt_rows": np.array(rows, np.int64)})
+        np.testing.assert_array_equal(picked, low_res[rows])  # bit for bit
 
 
 def test_fp16_export_keeps_float32_io(tmp_path, tiny_sam, embeddings):

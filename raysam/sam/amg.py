@@ -6,6 +6,11 @@ crop, back to image frame) → ``_process_batch`` (candidates, IoU filter, upsam
 survivors, stability filter, threshold, boxes, crop-edge filter, bit-pack). Masks are
 upsampled only inside the region where their low-res logits can exceed the lowest
 threshold, so the work per mask scales with the mask's box, not with the chip.
+
+With ``prompts="coverage"`` each crop's grid pass is followed by up to
+``coverage_max_rounds`` rounds of prompts placed in the valid pixels that no kept mask covers
+(:mod:`raysam.sam.coverage`); their masks are filtered like the grid's, and NMS runs over
+all of them together.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import numpy as np
 
 from raysam.errors import ConfigError, DataError
 from raysam.sam import contract
+from raysam.sam.coverage import TRIED_FRACTION, mark_tried, place_prompts
 from raysam.sam.masks import (
-    AxisRuns,
     CompactMasks,
     MaskData,
     batch_iterator,
@@ -31,14 +36,14 @@ from raysam.sam.masks import (
     build_all_layer_point_grids,
     generate_crop_boxes,
     is_box_near_crop_edge,
-    postprocess_taps,
     stability_from_counts,
     uncrop_boxes_xyxy,
     uncrop_points,
-    upsample_thresholded_batch,
+    unpack_mask,
 )
 from raysam.sam.model import SamModel
 from raysam.sam.params import AmgParams
+from raysam.sam.upsample import AxisRuns, postprocess_taps, upsample_thresholded_batch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,53 +75,81 @@ class AutomaticMaskGenerator:
         )
         self.mask_threshold = model.mask_threshold
 
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, valid: np.ndarray | None = None) -> list[dict[str, Any]]:
         """Masks of an HxWx3 uint8 image as ``SamAutomaticMaskGenerator.generate`` returns
-        them with ``output_mode="binary_mask"``, in the same order."""
-        compact = self.generate_compact(image)
-        return [_record(compact, i) for i in range(len(compact))]
+        them with ``output_mode="binary_mask"``, in the same order.
 
-    def generate_compact(self, image: np.ndarray) -> CompactMasks:
-        """Masks of an HxWx3 uint8 image as packed bits in their boxes (no dense masks)."""
+        In coverage mode each record also has ``prompt_round`` (0 for the grid); ``valid``
+        is as in :meth:`generate_compact`.
+        """
+        compact = self.generate_compact(image, valid)
+        with_round = self.params.prompts == "coverage"
+        return [_record(compact, i, with_round) for i in range(len(compact))]
+
+    def generate_compact(self, image: np.ndarray, valid: np.ndarray | None = None) -> CompactMasks:
+        """Masks of an HxWx3 uint8 image as packed bits in their boxes (no dense masks).
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            valid: Optional bool (H, W): pixels worth a mask (data, not cloud, inside the
+                AOI). Coverage prompts go only there; None means all valid. The grid does
+                not use it (grid mode is SAM's generator).
+        """
         _check_image(image)
-        return CompactMasks.from_mask_data(self._generate_masks(image), image.shape[:2])
+        if self.params.prompts == "coverage":
+            valid = _check_valid(valid, image.shape[:2])
+        data, n_prompts = self._generate_masks(image, valid)
+        return CompactMasks.from_mask_data(data, image.shape[:2], n_prompts)
 
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
+    def _generate_masks(self, image: np.ndarray, valid: np.ndarray | None) -> tuple[MaskData, int]:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
             orig_size, self.params.n_crop_layers, self.params.crop_overlap_ratio)
-        data = MaskData()
+        data, n_prompts = MaskData(), 0
         for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
-            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+            crop_data, crop_prompts = self._process_crop(image, crop_box, layer_idx, orig_size, valid)
+            data.cat(crop_data)
+            n_prompts += crop_prompts
         # Remove duplicates between crops, preferring masks from smaller crops.
         if len(crop_boxes) > 1 and len(data):
             crop_areas = box_area(np.asarray(data["crop_boxes"], np.int64))
             scores = np.float32(1.0) / crop_areas.astype(np.float32)
             keep = batched_nms(data["boxes"], scores, np.zeros(len(data)), self.params.chip_nms_thr)
             data.filter(keep)
-        return data
+        return data, n_prompts
 
     def _process_crop(
-        self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, int]
-    ) -> MaskData:
+        self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, int],
+        valid: np.ndarray | None,
+    ) -> tuple[MaskData, int]:
         x0, y0, x1, y1 = crop_box
         cropped = np.ascontiguousarray(image[y0:y1, x0:x1, :])
         crop_hw = cropped.shape[:2]
         encoder_input, input_hw = self.model.preprocess(cropped)
         embeddings = self.model.encode(encoder_input)
         taps = self._crop_taps(input_hw, crop_hw)
-        points_for_image = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
-        batches = [points for (points,) in batch_iterator(self.params.points_per_batch, points_for_image)]
 
-        def decode(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def decode(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             coords = self.model.apply_coords(points, crop_hw)[:, None, :]
-            return self.model.decode(embeddings, coords, np.ones(coords.shape[:2], np.float32))
+            return self.model.decode_kept(embeddings, coords, np.ones(coords.shape[:2], np.float32),
+                                          self._has_candidate)
 
-        data = MaskData()
-        for points, decoded in zip(batches, prefetched(decode, batches, self.model.decode_workers)):
-            data.cat(self._process_batch(points, decoded, crop_hw, taps, crop_box, orig_size))
+        def decode_round(points_for_image: np.ndarray, prompt_round: int) -> MaskData:
+            """Decode points in batches (the next ones ahead, in threads); filter each batch."""
+            batches = [points for (points,) in batch_iterator(self.params.points_per_batch, points_for_image)]
+            data = MaskData()
+            for points, decoded in zip(batches, prefetched(decode, batches, self.model.decode_workers)):
+                batch = self._process_batch(points, decoded, crop_hw, taps, crop_box, orig_size)
+                batch["rounds"] = np.full(len(batch), prompt_round, np.int32)
+                data.cat(batch)
+            return data
+
+        grid_points = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
+        data, n_prompts = decode_round(grid_points, 0), len(grid_points)
+        if self.params.prompts == "coverage":
+            n_prompts += self._coverage_rounds(data, decode_round, valid[y0:y1, x0:x1])
         if not len(data):
-            return _empty_data()
+            return _empty_data(), n_prompts
         # Remove duplicates within this crop.
         keep = batched_nms(data["boxes"], data["iou_preds"], np.zeros(len(data)),
                            self.params.chip_nms_thr)
@@ -125,7 +158,42 @@ class AutomaticMaskGenerator:
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = uncrop_points(data["points"], crop_box)
         data["crop_boxes"] = np.tile(np.asarray(crop_box, np.int64), (len(data), 1))
-        return data
+        return data, n_prompts
+
+    def _coverage_rounds(
+        self, data: MaskData, decode_round: Callable[[np.ndarray, int], MaskData], valid: np.ndarray
+    ) -> int:
+        """Prompt what no kept mask covers, round after round; add the masks to ``data``.
+
+        Returns:
+            The number of prompts decoded.
+        """
+        p = self.params
+        tried = np.zeros(valid.shape, bool)
+        used = 0
+        for prompt_round in range(1, p.coverage_max_rounds + 1):
+            free = valid & ~tried & ~self._covered(data, valid.shape)
+            # What is left of the budget, spread over the rounds left: a later round sees what
+            # the earlier ones found, and its deepest holes beat this round's shallow ones.
+            share = -(-(p.coverage_max_points - used) // (p.coverage_max_rounds - prompt_round + 1))
+            prompts = place_prompts(free, p.coverage_min_area_px, share)
+            if not len(prompts):
+                break
+            data.cat(decode_round(prompts.points_xy, prompt_round))
+            mark_tried(tried, prompts, TRIED_FRACTION)
+            used += len(prompts)
+        return used
+
+    def _covered(self, data: MaskData, crop_hw: tuple[int, int]) -> np.ndarray:
+        """bool (h, w): pixels of the crop covered by a mask that NMS would keep now."""
+        covered = np.zeros(crop_hw, bool)
+        if not len(data):
+            return covered
+        keep = batched_nms(data["boxes"], data["iou_preds"], np.zeros(len(data)), self.params.chip_nms_thr)
+        for i in keep:
+            x0, y0, x1, y1 = (int(v) for v in data["boxes"][i])
+            covered[y0 : y1 + 1, x0 : x1 + 1] |= unpack_mask(data["bits"][i], data["boxes"][i])
+        return covered
 
     def _crop_taps(self, input_hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[AxisRuns, AxisRuns]:
         """Per-axis upsampling operators from low-res logits to this crop's pixels."""
@@ -133,28 +201,42 @@ class AutomaticMaskGenerator:
         return (AxisRuns.from_taps(postprocess_taps(low, size, input_hw[0], crop_hw[0])),
                 AxisRuns.from_taps(postprocess_taps(low, size, input_hw[1], crop_hw[1])))
 
+    @property
+    def _tokens(self) -> slice:
+        """The mask tokens whose masks are candidates: SAM's three multimask ones, or token 0."""
+        return slice(1, contract.NUM_MASK_TOKENS) if self.params.multimask else slice(0, 1)
+
+    def _has_candidate(self, iou: np.ndarray) -> np.ndarray:
+        """(B,) bool: prompts with a candidate that passes the predicted-IoU filter."""
+        if self.params.pred_iou_thresh <= 0.0:
+            return np.ones(len(iou), bool)
+        return (iou[:, self._tokens] > self.params.pred_iou_thresh).any(axis=1)
+
     def _process_batch(
         self,
         points: np.ndarray,
-        decoded: tuple[np.ndarray, np.ndarray],
+        decoded: tuple[np.ndarray, np.ndarray, np.ndarray],
         crop_hw: tuple[int, int],
         taps: tuple[AxisRuns, AxisRuns],
         crop_box: list[int],
         orig_size: tuple[int, int],
     ) -> MaskData:
         p = self.params
-        iou, low_res = decoded
-        tokens = slice(1, contract.NUM_MASK_TOKENS) if p.multimask else slice(0, 1)
-        n_tok = len(range(contract.NUM_MASK_TOKENS)[tokens])
+        iou, low_res, rows = decoded  # logits only of the prompts ``rows`` (the others have no candidate)
+        n_tok = len(range(contract.NUM_MASK_TOKENS)[self._tokens])
+        logits: list[np.ndarray | None] = [None] * (len(iou) * n_tok)
+        for row, masks in zip(rows, low_res[:, self._tokens]):
+            logits[row * n_tok : (row + 1) * n_tok] = list(masks)  # views, no copies
         data = MaskData(
-            logits=[m for masks in low_res[:, tokens] for m in masks],  # views, no copies
-            iou_preds=iou[:, tokens].reshape(-1).astype(np.float32),
+            logits=logits,
+            iou_preds=iou[:, self._tokens].reshape(-1).astype(np.float32),
             points=np.repeat(points, n_tok, axis=0),
         )
         # Filter by predicted IoU before any upsampling.
         if p.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > p.pred_iou_thresh)
-        self._upsample(data, taps, abs_max=max(float(low_res.max()), -float(low_res.min())))
+        abs_max = max(float(low_res.max()), -float(low_res.min())) if low_res.size else 0.0
+        self._upsample(data, taps, abs_max=abs_max)
         if p.stability_score_thresh > 0.0:
             data.filter(data["stability_score"] >= p.stability_score_thresh)
         self._boxes_and_bits(data)
@@ -219,12 +301,13 @@ def _empty_data() -> MaskData:
         iou_preds=np.zeros(0, np.float32), points=np.zeros((0, 2)),
         stability_score=np.zeros(0, np.float32), boxes=np.zeros((0, 4), np.int64),
         areas=np.zeros(0, np.int64), bits=[], crop_boxes=np.zeros((0, 4), np.int64),
+        rounds=np.zeros(0, np.int32),
     )
 
 
-def _record(masks: CompactMasks, i: int) -> dict[str, Any]:
-    """One SAM-style annotation dict (binary_mask output mode)."""
-    return {
+def _record(masks: CompactMasks, i: int, with_round: bool) -> dict[str, Any]:
+    """One SAM-style annotation dict (binary_mask output mode), plus ``prompt_round`` if asked."""
+    record = {
         "segmentation": masks.dense_mask(i),
         "area": int(masks.area[i]),
         "bbox": box_xyxy_to_xywh(masks.box_xyxy[i].astype(np.int64)).tolist(),
@@ -233,6 +316,9 @@ def _record(masks: CompactMasks, i: int) -> dict[str, Any]:
         "stability_score": float(masks.stability_score[i]),
         "crop_box": box_xyxy_to_xywh(masks.crop_box_xyxy[i].astype(np.int64)).tolist(),
     }
+    if with_round:
+        record["prompt_round"] = int(masks.prompt_round[i])
+    return record
 
 
 def _check_image(image: Any) -> None:
@@ -243,6 +329,19 @@ def _check_image(image: Any) -> None:
         raise DataError(f"image must be uint8 (0..255), got {image.dtype}: scale it to uint8 first")
     if min(image.shape[:2]) == 0:
         raise DataError(f"image is empty (shape {image.shape}): pass a non-empty chip")
+
+
+def _check_valid(valid: Any, image_hw: tuple[int, int]) -> np.ndarray:
+    """The valid mask as bool (H, W); all valid when None."""
+    if valid is None:
+        return np.ones(image_hw, bool)
+    shape = getattr(valid, "shape", None)
+    if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != tuple(image_hw):
+        raise DataError(
+            f"valid must be a bool array of the image's shape {tuple(image_hw)}, got "
+            f"{getattr(valid, 'dtype', type(valid).__name__)} {shape}: pass the chip's valid-pixel mask"
+        )
+    return valid
 
 
 def _as_dict(params: AmgParams) -> dict[str, Any]:

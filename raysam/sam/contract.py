@@ -21,12 +21,23 @@ Decoder (all mask tokens kept, no upsampling inside the graph)
     outputs ``iou_predictions`` float32 [B, 4]
             ``low_res_masks``   float32 [B, 4, 256, 256] mask logits; token 0 is SAM's
                                 single-mask output, tokens 1..3 its three multimask candidates.
+
+Optional: the same decoder split in two (written by :mod:`raysam.export`, listed in the manifest
+as ``decoder_head`` and ``decoder_masks``), so prompts can be dropped before the upscaling:
+    ``decoder_head.onnx``  inputs as the decoder; outputs ``iou_predictions`` [B, 4],
+                           ``mask_features`` float32 [B, h*w, C] (image tokens after the
+                           transformer, per prompt) and ``hyper_in`` float32 [B, 4, C/8]
+    ``decoder_masks.onnx`` inputs ``mask_features``, ``hyper_in`` and ``prompt_rows`` int64 [K];
+                           output ``low_res_masks`` [K, 4, 256, 256] of those rows, the same
+                           values as the one-graph decoder's.
 """
 
 MANIFEST_FORMAT = "raysam-sam-onnx/1"
 MANIFEST_NAME = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+DECODER_HEAD_FILE = "decoder_head.onnx"
+DECODER_MASKS_FILE = "decoder_masks.onnx"
 
 IMAGE_SIZE = 1024  # SAM's image encoder input side (segment_anything.modeling.ImageEncoderViT img_size)
 EMBEDDING_SIDE = 64  # IMAGE_SIZE / patch size 16
@@ -42,6 +53,8 @@ ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("image_embeddings",)
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels")
 DECODER_OUTPUTS = ("iou_predictions", "low_res_masks")
+DECODER_HEAD_OUTPUTS = ("iou_predictions", "mask_features", "hyper_in")
+DECODER_MASKS_INPUTS = ("mask_features", "hyper_in", "prompt_rows")
 
 # Official SAM checkpoints (segment-anything README) and the tiny architecture used in tests.
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")

@@ -10,10 +10,14 @@ A model directory honours :mod:`raysam.sam.contract`. Its ``manifest.json`` is w
                  "external_data": null | {"file": "encoder.onnx.data", "bytes": .., "sha256": ..},
                  "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 3, 1024, 1024]}],
                  "outputs": [...]},
-     "decoder": {...}}
+     "decoder": {...},
+     "decoder_head": {...}, "decoder_masks": {...}}              # optional, both or neither
 
 ``shape`` entries are ints, or strings/``null`` for dynamic axes. Other keys (licence,
-checkpoint, tool versions) are kept but not checked.
+checkpoint, tool versions) are kept but not checked. When the split decoder is listed, the CPU
+decoder runs it (:meth:`SamModel.decode_kept`): prompts none of whose candidates can pass the
+generator's predicted-IoU filter skip the upscaling. On CUDA the one-graph decoder runs (the
+split would carry every prompt's mask features through host memory).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,16 @@ _CONTRACT_IO: dict[str, dict[str, dict[str, tuple[str, int]]]] = {
         "inputs": {"image_embeddings": ("float32", 4), "point_coords": ("float32", 3),
                    "point_labels": ("float32", 2)},
         "outputs": {"iou_predictions": ("float32", 2), "low_res_masks": ("float32", 4)},
+    },
+    contract.DECODER_HEAD_FILE: {
+        "inputs": {"image_embeddings": ("float32", 4), "point_coords": ("float32", 3),
+                   "point_labels": ("float32", 2)},
+        "outputs": {"iou_predictions": ("float32", 2), "mask_features": ("float32", 3),
+                    "hyper_in": ("float32", 3)},
+    },
+    contract.DECODER_MASKS_FILE: {
+        "inputs": {"mask_features": ("float32", 3), "hyper_in": ("float32", 3), "prompt_rows": ("int64", 1)},
+        "outputs": {"low_res_masks": ("float32", 4)},
     },
 }
 _DEVICES = ("auto", "cuda", "cpu")
@@ -74,6 +89,8 @@ def sha256_file(path: Path) -> str:
 
 
 _GRAPHS = {"encoder": contract.ENCODER_FILE, "decoder": contract.DECODER_FILE}
+_SPLIT_GRAPHS = {"decoder_head": contract.DECODER_HEAD_FILE, "decoder_masks": contract.DECODER_MASKS_FILE}
+_ALL_GRAPHS = {**_GRAPHS, **_SPLIT_GRAPHS}
 
 
 def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -114,11 +131,18 @@ def _check_manifest_fields(manifest: Any, path: Path) -> None:
         if not (isinstance(value, list) and len(value) == 3
                 and all(isinstance(v, (int, float)) for v in value)):
             raise ModelError(f"{path} needs {key} as 3 numbers, got {value!r}: {_fix(model_type)}")
-    for graph, name in _GRAPHS.items():
+    split = any(graph in manifest for graph in _SPLIT_GRAPHS)
+    for graph in [*_GRAPHS, *(_SPLIT_GRAPHS if split else ())]:
+        name = _ALL_GRAPHS[graph]
         if not _is_file_entry(manifest.get(graph)) or manifest[graph].get("file", name) != name:
             raise ModelError(
                 f"{path} lacks a '{graph}' entry for {name} with bytes and sha256: {_fix(model_type)}"
             )
+
+
+def _graphs(manifest: dict[str, Any]) -> dict[str, str]:
+    """The graphs a checked manifest lists: encoder and decoder, and the split decoder if there."""
+    return _ALL_GRAPHS if "decoder_head" in manifest else _GRAPHS
 
 
 def _is_file_entry(entry: Any) -> bool:
@@ -129,7 +153,7 @@ def _is_file_entry(entry: Any) -> bool:
 def verify_files(model_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
     """Check each ONNX file (and external data file) exists and matches its manifest entry."""
     model_type = manifest["model_type"]
-    for graph, name in _GRAPHS.items():
+    for graph, name in _graphs(manifest).items():
         entry = manifest[graph]
         _verify_file(Path(model_dir), name, entry, model_type)
         external = entry.get("external_data")
@@ -166,7 +190,7 @@ def onnx_signature(session: Any) -> dict[str, dict[str, tuple[str, int]]]:
 
 def check_signature(graph: str, session: Any, manifest: dict[str, Any]) -> None:
     """Check a session's inputs/outputs against the contract and the manifest entry."""
-    name = _GRAPHS[graph]
+    name = _ALL_GRAPHS[graph]
     actual = onnx_signature(session)
     fix = _fix(manifest["model_type"])
     for kind in ("inputs", "outputs"):
@@ -279,6 +303,8 @@ class SamModel:
     decoder: Any = field(repr=False)
     image_size: int = contract.IMAGE_SIZE
     decode_workers: int = 1
+    decoder_head: Any = field(default=None, repr=False)
+    decoder_masks: Any = field(default=None, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -348,13 +374,45 @@ class SamModel:
         self, embeddings: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Decode point prompts (1024-frame x/y, [B, N, 2]) into (iou [B, 4], logits [B, 4, 256, 256])."""
-        feeds = {
-            "image_embeddings": np.asarray(embeddings, np.float32),
-            "point_coords": np.asarray(point_coords, np.float32),
-            "point_labels": np.asarray(point_labels, np.float32),
-        }
+        feeds = _decoder_feeds(embeddings, point_coords, point_labels)
         iou, low_res = self.decoder.run(list(contract.DECODER_OUTPUTS), feeds)
         return iou, low_res
+
+    def decode_kept(
+        self, embeddings: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
+        keep: Callable[[np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decode prompts, computing the masks only of those ``keep`` selects by predicted IoU.
+
+        Args:
+            embeddings, point_coords, point_labels: As :meth:`decode`.
+            keep: Maps the (B, 4) predicted IoU to a (B,) bool array of prompts whose masks are
+                needed. Without the split decoder every prompt's masks are computed anyway.
+
+        Returns:
+            iou [B, 4]; logits [K, 4, 256, 256] of the prompts ``rows`` [K] (int64, ascending),
+            the same values :meth:`decode` gives for them.
+        """
+        if self.decoder_head is None:
+            iou, low_res = self.decode(embeddings, point_coords, point_labels)
+            return iou, low_res, np.arange(len(iou))
+        feeds = _decoder_feeds(embeddings, point_coords, point_labels)
+        iou, features, hyper_in = self.decoder_head.run(list(contract.DECODER_HEAD_OUTPUTS), feeds)
+        rows = np.flatnonzero(keep(iou)).astype(np.int64)
+        if not rows.size:
+            side = contract.LOW_RES_SIZE
+            return iou, np.zeros((0, iou.shape[1], side, side), np.float32), rows
+        (low_res,) = self.decoder_masks.run(
+            ["low_res_masks"], {"mask_features": features, "hyper_in": hyper_in, "prompt_rows": rows})
+        return iou, low_res, rows
+
+
+def _decoder_feeds(embeddings: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "image_embeddings": np.asarray(embeddings, np.float32),
+        "point_coords": np.asarray(point_coords, np.float32),
+        "point_labels": np.asarray(point_labels, np.float32),
+    }
 
 
 def load_model(
@@ -362,6 +420,7 @@ def load_model(
     device: str = "auto",
     session_options: Any = None,
     intra_op_threads: int | None = None,
+    split_decoder: bool = True,
 ) -> SamModel:
     """Load and verify an ONNX SAM model directory.
 
@@ -373,6 +432,8 @@ def load_model(
         intra_op_threads: CPU threads when no options are given (default: CPUs this process
             may use): the encoder's intra-op threads; on the CPU the decoder spreads them over
             concurrent runs (:func:`decoder_split`).
+        split_decoder: On the CPU, also load the split decoder when the manifest lists it
+            (:meth:`SamModel.decode_kept`); False keeps to the one-graph decoder.
 
     Returns:
         The loaded model.
@@ -388,9 +449,11 @@ def load_model(
     fix = _fix(manifest["model_type"])
     threads = intra_op_threads or _default_threads()
     sessions, workers = {}, 1
-    for graph, name in _GRAPHS.items():
+    for graph, name in _graphs(manifest).items():
+        if graph in _SPLIT_GRAPHS and (providers[0] != "CPUExecutionProvider" or not split_decoder):
+            continue
         graph_threads = threads
-        if graph == "decoder" and providers[0] == "CPUExecutionProvider" and session_options is None:
+        if graph != "encoder" and providers[0] == "CPUExecutionProvider" and session_options is None:
             workers, graph_threads = decoder_split(threads)
         try:
             sessions[graph] = _new_session(model_dir / name, providers, session_options, graph_threads)
@@ -401,7 +464,8 @@ def load_model(
         check_signature(graph, sessions[graph], manifest)
     provider = providers[0]
     logger.info("SAM model %s (%s) runs on %s", model_dir, manifest["model_type"], provider)
-    return SamModel(model_dir, manifest, provider, sessions["encoder"], sessions["decoder"], decode_workers=workers)
+    return SamModel(model_dir, manifest, provider, sessions["encoder"], sessions["decoder"], decode_workers=workers,
+                    decoder_head=sessions.get("decoder_head"), decoder_masks=sessions.get("decoder_masks"))
 
 
 def _settle_providers(session: Any, providers: list[str], device: str) -> list[str]:

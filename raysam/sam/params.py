@@ -32,6 +32,15 @@ class AmgParams:
         min_mask_region_area: Only 0 (no small-region post-processing) is supported.
         multimask: Use SAM's three multimask candidates (tokens 1..3), else token 0.
         point_grids: Optional explicit grids, one (n, 2) array in [0, 1] per crop layer.
+        prompts: ``grid`` (SAM's point grid only, identical to SAM's generator) or
+            ``coverage`` (after the grid, prompt what no kept mask covers, in rounds; see
+            :mod:`raysam.sam.coverage`).
+        coverage_min_area_px: Coverage prompts go only where the uncovered valid pixels hold
+            a square of at least this many pixels around the prompt.
+        coverage_max_rounds: Coverage rounds after the grid at most (each decodes the new
+            prompts, then looks at what is still uncovered).
+        coverage_max_points: Coverage prompts per crop at most, all rounds together; each
+            round may use an even share of what the earlier rounds left.
     """
 
     points_per_side: int | None = 16
@@ -46,6 +55,13 @@ class AmgParams:
     min_mask_region_area: int = 0
     multimask: bool = True
     point_grids: tuple[np.ndarray, ...] | None = None
+    prompts: str = "grid"
+    # 20 x 20 px: 4 ha at Sentinel-2's 10 m, well below a field; roads and margins never hold it.
+    coverage_min_area_px: int = 400
+    coverage_max_rounds: int = 3
+    # With the seed's 16 x 16 grid, a chip's decoder prompts stay under 40 % of a 32 x 32 grid's
+    # (256 + 150 = 406 of 1024), the cost target of issue 13.
+    coverage_max_points: int = 150
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -134,6 +150,14 @@ def _boolean(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be true or false, got {value!r} ({_type_name(value)})")
 
 
+PROMPT_MODES = ("grid", "coverage")
+
+
+def _prompt_mode(name: str, value: Any) -> None:
+    if not isinstance(value, str) or value not in PROMPT_MODES:
+        raise ConfigError(f"{name} must be one of {', '.join(PROMPT_MODES)}, got {value!r}")
+
+
 def _grids(name: str, value: Any) -> None:
     if value is None:
         return
@@ -160,4 +184,8 @@ _VALIDATORS = {
     "min_mask_region_area": _zero_area,
     "multimask": _boolean,
     "point_grids": _grids,
+    "prompts": _prompt_mode,
+    "coverage_min_area_px": _positive_int,
+    "coverage_max_rounds": _positive_int,
+    "coverage_max_points": _positive_int,
 }

@@ -1,4 +1,4 @@
-"""The generator's own machinery: exact thresholded upsampling, output records, input errors."""
+"""The generator's own machinery: output records, single-mask mode, concurrent decoding, input errors."""
 
 from __future__ import annotations
 
@@ -11,57 +11,6 @@ from raysam.errors import ConfigError, DataError
 from raysam.sam import AmgParams, AutomaticMaskGenerator, load_model
 from raysam.sam import masks as M
 from raysam.sam.amg import prefetched
-
-
-def _logits(kind: str, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "noisy":
-        return (rng.normal(size=(256, 256)) * 3).astype(np.float32)
-    if kind == "blob":  # a smooth blob like a real SAM mask, with exact ties on thresholds
-        yy, xx = np.mgrid[0:256, 0:256]
-        cy, cx, r = rng.uniform(40, 216, 3)
-        out = (r / 3 - np.hypot(yy - cy, xx - cx)).astype(np.float32) / 4
-        out[10:20, 10:20] = 1.0
-        return np.round(out * 8) / 8
-    out = np.full((256, 256), -20.0, np.float32)
-    if kind == "padding":  # live only beyond what a 600-px-wide input's outputs see (SAM's padding)
-        out[220 + seed : 240, 200:250] = 5.0
-    return out
-
-
-@pytest.mark.parametrize("kind", ["noisy", "blob", "empty", "padding"])
-@pytest.mark.parametrize(("input_hw", "crop_hw"), [((1024, 1024), (1024, 1024)), ((1024, 1024), (683, 683)), ((768, 1024), (600, 800)),
-                                                  ((1024, 600), (1024, 600))])
-def test_thresholded_upsampling_equals_dense_upsampling(kind: str, input_hw: tuple, crop_hw: tuple) -> None:
-    """Block decisions and the live region change nothing: counts and mask equal the dense map's."""
-    taps = [M.postprocess_taps(256, 1024, i, o) for i, o in zip(input_hw, crop_hw)]
-    runs = [M.AxisRuns.from_taps(t) for t in taps]
-    thresholds = (-1.0, 0.0, 1.0)
-    for seed in range(3):
-        logits = _logits(kind, seed)
-        dense = M.apply_taps(logits, taps[0], taps[1], (0, crop_hw[0]), (0, crop_hw[1]))
-        got = M.upsample_thresholded(logits, runs[0], runs[1], thresholds, mask_index=1)
-        assert got.counts.tolist() == [int(np.count_nonzero(dense > t)) for t in thresholds]
-        full = np.zeros(crop_hw, bool)
-        (y0, x0), (h, w) = got.origin, got.mask.shape
-        full[y0 : y0 + h, x0 : x0 + w] = got.mask
-        np.testing.assert_array_equal(full, dense > 0)
-
-
-def test_batched_thresholding_equals_one_map_at_a_time() -> None:
-    """Maps of all kinds thresholded together give what each gives alone (the exact dense answer)."""
-    taps = [M.postprocess_taps(256, 1024, 1024, 1024)] * 2
-    runs = [M.AxisRuns.from_taps(t) for t in taps]
-    thresholds = (-1.0, 0.0, 1.0)
-    maps = [_logits(kind, seed) for seed in range(3) for kind in ("blob", "noisy", "empty")]
-    batch = M.upsample_thresholded_batch(maps, runs[0], runs[1], thresholds, mask_index=1)
-    for logits, got in zip(maps, batch, strict=True):
-        dense = M.apply_taps(logits, taps[0], taps[1], (0, 1024), (0, 1024))
-        assert got.counts.tolist() == [int(np.count_nonzero(dense > t)) for t in thresholds]
-        full = np.zeros((1024, 1024), bool)
-        (y0, x0), (h, w) = got.origin, got.mask.shape
-        full[y0 : y0 + h, x0 : x0 + w] = got.mask
-        np.testing.assert_array_equal(full, dense > 0)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +107,43 @@ def test_bad_images(model, image: np.ndarray, message: str) -> None:
     with pytest.raises(DataError) as err:
         AutomaticMaskGenerator(model).generate_compact(image)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("pred_iou_thresh", [0.0, 0.88, 0.96, 0.97])
+def test_split_decoder_gives_the_same_masks(tiny_model_dir: Path, tiny_image: np.ndarray, pred_iou_thresh: float) -> None:
+    """Prompts without a candidate above the threshold skip the upscaling; the masks do not change.
+
+    The fixture predicts 0.97, 0.95 and 0.93 for tokens 1..3: at 0.96 only token 1 passes, at
+    0.97 nothing does (every prompt is dropped before the upscaling).
+    """
+    params = dict(points_per_side=8, pred_iou_thresh=pred_iou_thresh)
+    split = AutomaticMaskGenerator(load_model(tiny_model_dir, device="cpu"), **params).generate_compact(tiny_image)
+    one = AutomaticMaskGenerator(load_model(tiny_model_dir, device="cpu", split_decoder=False),
+                                 **params).generate_compact(tiny_image)
+    assert (len(one) > 0) == (pred_iou_thresh < 0.97)
+    np.testing.assert_array_equal(split.box_xyxy, one.box_xyxy)
+    np.testing.assert_array_equal(split.predicted_iou, one.predicted_iou)
+    np.testing.assert_array_equal(split.stability_score, one.stability_score)
+    assert all(np.array_equal(a, b) for a, b in zip(split.mask_bits, one.mask_bits, strict=True))
+
+
+def test_split_decoder_drops_some_prompts_and_keeps_the_masks(tmp_path: Path, tiny_image: np.ndarray) -> None:
+    """A SAM whose predicted IoU varies by prompt: the prompts without a candidate are dropped."""
+    pytest.importorskip("torch")
+    from raysam.export import export_sam
+    from tests.tiny_sam import build_random_sam
+
+    model_dir = export_sam(build_random_sam(seed=0), tmp_path / "random", model_type="vit_tiny")
+    params = dict(points_per_side=16, pred_iou_thresh=1.0, stability_score_thresh=0.0)
+    split_model = load_model(model_dir, device="cpu")
+    gen = AutomaticMaskGenerator(split_model, **params)
+    emb = split_model.encode(split_model.preprocess(tiny_image)[0])
+    iou, _ = split_model.decode(emb, gen.point_grids[0][:, None, :] * 1024, np.ones((256, 1)))
+    dropped = int((~gen._has_candidate(iou)).sum())
+    assert 0 < dropped < 256  # the split really skips some prompts' upscaling
+    split = gen.generate_compact(tiny_image)
+    one = AutomaticMaskGenerator(load_model(model_dir, device="cpu", split_decoder=False), **params).generate_compact(tiny_image)
+    assert len(one) > 0
+    np.testing.assert_array_equal(split.box_xyxy, one.box_xyxy)
+    np.testing.assert_array_equal(split.stability_score, one.stability_score)
+    assert all(np.array_equal(a, b) for a, b in zip(split.mask_bits, one.mask_bits, strict=True))

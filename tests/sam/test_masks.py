@@ -162,38 +162,3 @@ def test_mask_data_filter_and_cat_keep_columns_aligned() -> None:
     assert data["a"].tolist() == [4, 0] and data["b"] == ["x4", "x0"] and data["c"].tolist() == [[8, 9], [0, 1]]
     data.cat(M.MaskData(a=np.array([7]), b=["y"], c=np.array([[1, 1]])))
     assert len(data) == 3 and data["b"] == ["x4", "x0", "y"] and data["c"].shape == (3, 2)
-
-
-@pytest.mark.parametrize(("in_size", "out_size"), [(256, 1024), (1024, 683), (1024, 1024), (7, 3), (5, 13)])
-def test_bilinear_matrix_matches_torch_interpolate(in_size: int, out_size: int) -> None:
-    x = torch.randn(1, 1, in_size, 3)
-    ref = torch.nn.functional.interpolate(x, (out_size, 3), mode="bilinear", align_corners=False)
-    ours = M.bilinear_matrix(in_size, out_size) @ x[0, 0].numpy()
-    np.testing.assert_allclose(ours, ref[0, 0].numpy(), rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize(("input_hw", "original_hw"), [((1024, 1024), (1024, 1024)), ((1024, 1024), (683, 683)), ((768, 1024), (600, 800))])
-def test_postprocess_taps_match_sam_postprocess(input_hw: tuple[int, int], original_hw: tuple[int, int]) -> None:
-    """Our sparse taps reproduce Sam.postprocess_masks (two bilinear resizes) on random logits."""
-    rng = np.random.default_rng(6)
-    low = (rng.normal(size=(2, 256, 256)) * 4).astype(np.float32)
-    t = torch.as_tensor(low)[:, None]
-    up = torch.nn.functional.interpolate(t, (1024, 1024), mode="bilinear", align_corners=False)
-    up = up[..., : input_hw[0], : input_hw[1]]
-    ref = torch.nn.functional.interpolate(up, original_hw, mode="bilinear", align_corners=False)[:, 0].numpy()
-    taps_y = M.postprocess_taps(256, 1024, input_hw[0], original_hw[0])
-    taps_x = M.postprocess_taps(256, 1024, input_hw[1], original_hw[1])
-    for i in range(2):
-        full = M.apply_taps(low[i], taps_y, taps_x, (0, original_hw[0]), (0, original_hw[1]))
-        np.testing.assert_allclose(full, ref[i], rtol=0, atol=2e-5)
-        part = M.apply_taps(low[i], taps_y, taps_x, (100, 300), (37, 500))
-        np.testing.assert_array_equal(part, full[100:300, 37:500])
-
-
-def test_out_range_covers_every_output_touching_inputs() -> None:
-    taps = M.postprocess_taps(256, 1024, 1024, 683)
-    lo, hi = taps.out_range(100, 120)
-    mat = M.bilinear_matrix(1024, 683) @ M.bilinear_matrix(256, 1024)
-    touching = np.flatnonzero(mat[:, 100:121].any(axis=1))
-    assert lo <= touching[0] and hi >= touching[-1] + 1
-    assert not mat[:lo, 100:121].any() and not mat[hi:, 100:121].any()

@@ -199,3 +199,37 @@ def test_decode_shapes(tiny_model_dir: Path) -> None:
     emb = model.encode(np.zeros((3, 1024, 1024), np.float32))
     iou, low = model.decode(emb, np.full((5, 1, 2), 100.0), np.ones((5, 1)))
     assert iou.shape == (5, 4) and low.shape == (5, 4, 256, 256) and low.dtype == np.float32
+
+
+def test_split_decoder_decodes_only_the_kept_prompts_exactly(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir, device="cpu")
+    assert model.decoder_head is not None and model.decoder_masks is not None
+    emb = model.encode(np.random.default_rng(0).normal(size=(3, 1024, 1024)).astype(np.float32))
+    coords = np.random.default_rng(1).uniform(0, 1024, (6, 1, 2))
+    iou, low = model.decode(emb, coords, np.ones((6, 1)))
+    for pick in (np.array([True, False, False, True, True, False]), np.zeros(6, bool), np.ones(6, bool)):
+        got_iou, got_low, rows = model.decode_kept(emb, coords, np.ones((6, 1)), lambda _: pick)
+        assert rows.tolist() == np.flatnonzero(pick).tolist()
+        np.testing.assert_array_equal(got_iou, iou)
+        np.testing.assert_array_equal(got_low, low[rows])
+    one_graph = load_model(tiny_model_dir, device="cpu", split_decoder=False)
+    assert one_graph.decoder_head is None
+    _, all_low, rows = one_graph.decode_kept(emb, coords, np.ones((6, 1)), lambda _: np.zeros(6, bool))
+    assert rows.tolist() == list(range(6))  # without the split every prompt is decoded
+    np.testing.assert_array_equal(all_low, low)
+
+
+def test_split_decoder_is_optional_but_checked(model_copy: Path) -> None:
+    manifest = _manifest(model_copy)
+    without = {k: v for k, v in manifest.items() if k not in ("decoder_head", "decoder_masks")}
+    _write_manifest(model_copy, without)
+    assert load_model(model_copy, device="cpu").decoder_head is None  # models exported before the split
+    _write_manifest(model_copy, {**without, "decoder_masks": manifest["decoder_masks"]})
+    assert _load_error(model_copy) == (
+        f"{model_copy / 'manifest.json'} lacks a 'decoder_head' entry for decoder_head.onnx with bytes and sha256: " + FIX
+    )
+    _write_manifest(model_copy, manifest)
+    (model_copy / "decoder_masks.onnx").write_bytes(b"x" * manifest["decoder_masks"]["bytes"])
+    assert _load_error(model_copy) == (
+        "decoder_masks.onnx does not match the sha256 in manifest.json (corrupt or replaced): " + FIX
+    )

@@ -15,12 +15,14 @@ def test_defaults_follow_the_seed_and_sam() -> None:
     assert (p.pred_iou_thresh, p.stability_score_thresh, p.stability_score_offset) == (0.88, 0.95, 1.0)
     assert (p.chip_nms_thr, p.crop_overlap_ratio, p.crop_n_points_downscale_factor) == (0.7, 0.0, 1)
     assert p.min_mask_region_area == 0 and p.multimask is True and p.point_grids is None
+    assert p.prompts == "grid"  # SAM's generator unless coverage prompts are asked for
 
 
 def test_good_edge_values_are_accepted() -> None:
     AmgParams(pred_iou_thresh=0.0, stability_score_thresh=1.0, chip_nms_thr=1.0, crop_overlap_ratio=0.999)
     AmgParams(points_per_side=None, point_grids=(np.array([[0.5, 0.5]]),))
     AmgParams(points_per_side=np.int64(8), multimask=False, n_crop_layers=2)
+    AmgParams(prompts="coverage", coverage_min_area_px=1, coverage_max_rounds=1, coverage_max_points=1)
 
 
 BAD = [
@@ -50,6 +52,14 @@ BAD = [
     ("multimask", 1, "multimask must be true or false, got 1 (int)"),
     ("multimask", "yes", "multimask must be true or false, got 'yes' (str)"),
     ("point_grids", "grid", "point_grids must be a list of (n, 2) arrays in [0, 1], got str"),
+    ("prompts", "random", "prompts must be one of grid, coverage, got 'random'"),
+    ("prompts", None, "prompts must be one of grid, coverage, got None"),
+    ("coverage_min_area_px", 0, "coverage_min_area_px must be a positive integer (>= 1), got 0"),
+    ("coverage_min_area_px", 400.0, "coverage_min_area_px must be a positive integer, got 400.0 (float)"),
+    ("coverage_max_rounds", 0, "coverage_max_rounds must be a positive integer (>= 1), got 0"),
+    ("coverage_max_rounds", "3", "coverage_max_rounds must be a positive integer, got '3' (str)"),
+    ("coverage_max_points", -1, "coverage_max_points must be a positive integer (>= 1), got -1"),
+    ("coverage_max_points", True, "coverage_max_points must be a positive integer, got True (bool)"),
 ]
 
 
