@@ -8,7 +8,7 @@ Public API::
 """
 
 from raysam.sam.amg import AutomaticMaskGenerator
-from raysam.sam.masks import CompactMasks, MaskData, pack_mask, paste_mask, unpack_mask
+from raysam.sam.masks import CompactMasks, MaskData, pack_mask, paste_mask
 from raysam.sam.model import SamModel, load_model
 from raysam.sam.params import AmgParams
 
@@ -21,5 +21,4 @@ __all__ = [
     "load_model",
     "pack_mask",
     "paste_mask",
-    "unpack_mask",
 ]

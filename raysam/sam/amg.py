@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from raysam.errors import ConfigError, DataError
+from raysam.records import unpack_crop
 from raysam.sam import contract
 from raysam.sam.coverage import TRIED_FRACTION, mark_tried, place_prompts
 from raysam.sam.masks import (
@@ -39,7 +40,6 @@ from raysam.sam.masks import (
     stability_from_counts,
     uncrop_boxes_xyxy,
     uncrop_points,
-    unpack_mask,
 )
 from raysam.sam.model import SamModel
 from raysam.sam.params import AmgParams
@@ -192,7 +192,7 @@ class AutomaticMaskGenerator:
         keep = batched_nms(data["boxes"], data["iou_preds"], np.zeros(len(data)), self.params.chip_nms_thr)
         for i in keep:
             x0, y0, x1, y1 = (int(v) for v in data["boxes"][i])
-            covered[y0 : y1 + 1, x0 : x1 + 1] |= unpack_mask(data["bits"][i], data["boxes"][i])
+            covered[y0 : y1 + 1, x0 : x1 + 1] |= unpack_crop(data["bits"][i], data["boxes"][i])
         return covered
 
     def _crop_taps(self, input_hw: tuple[int, int], crop_hw: tuple[int, int]) -> tuple[AxisRuns, AxisRuns]:

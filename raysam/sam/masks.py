@@ -5,7 +5,8 @@ SAM's logit upsampling lives apart, in :mod:`raysam.sam.upsample`.
 
 Boxes are SAM-style XYXY with *inclusive* x1/y1 (``batched_mask_to_box``); crop boxes are
 half-open ``[x0, y0, x1, y1)`` as in ``generate_crop_boxes``. Masks leave the chip stage
-only as bits packed inside their box (:func:`pack_mask`) or as uncompressed COCO RLE.
+only as bits packed inside their box (:func:`pack_mask`; unpacked by :func:`raysam.records.unpack_crop`, the one unpacker) or as
+uncompressed COCO RLE.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from itertools import product
 from typing import Any
 
 import numpy as np
+
+from raysam.records import unpack_crop
 
 # SAM's is_box_near_crop_edge default tolerance, in pixels.
 CROP_EDGE_ATOL_PX = 20.0
@@ -238,17 +241,11 @@ def pack_mask(mask: np.ndarray, box_xyxy: np.ndarray) -> np.ndarray:
     return np.packbits(mask[y0 : y1 + 1, x0 : x1 + 1], axis=1)
 
 
-def unpack_mask(bits: np.ndarray, box_xyxy: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_mask`: the boolean (h, w) mask inside the inclusive box."""
-    width = int(box_xyxy[2]) - int(box_xyxy[0]) + 1
-    return np.unpackbits(bits, axis=1, count=width).view(bool)  # 0/1 bytes: a view, no copy
-
-
 def paste_mask(bits: np.ndarray, box_xyxy: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """Dense boolean (H, W) mask from packed bits placed at their box."""
     out = np.zeros(image_hw, dtype=bool)
     x0, y0, x1, y1 = (int(v) for v in box_xyxy)
-    out[y0 : y1 + 1, x0 : x1 + 1] = unpack_mask(bits, box_xyxy)
+    out[y0 : y1 + 1, x0 : x1 + 1] = unpack_crop(bits, box_xyxy)
     return out
 
 
@@ -330,7 +327,7 @@ class CompactMasks:
 
     def mask(self, i: int) -> np.ndarray:
         """Boolean (h, w) mask of record ``i`` inside its box."""
-        return unpack_mask(self.mask_bits[i], self.box_xyxy[i])
+        return unpack_crop(self.mask_bits[i], self.box_xyxy[i])
 
     def dense_mask(self, i: int) -> np.ndarray:
         """Boolean (H, W) mask of record ``i`` in the image frame (for tests and sinks)."""

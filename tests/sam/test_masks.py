@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from raysam.records import unpack_crop
 from raysam.sam import masks as M
 
 torch = pytest.importorskip("torch")
@@ -150,7 +151,7 @@ def test_pack_unpack_round_trip() -> None:
         bits = M.pack_mask(mask, box)
         h, w = box[3] - box[1] + 1, box[2] - box[0] + 1
         assert bits.dtype == np.uint8 and bits.shape == (h, (w + 7) // 8)
-        np.testing.assert_array_equal(M.unpack_mask(bits, box), mask[box[1] : box[3] + 1, box[0] : box[2] + 1])
+        np.testing.assert_array_equal(unpack_crop(bits, box), mask[box[1] : box[3] + 1, box[0] : box[2] + 1])
         np.testing.assert_array_equal(M.paste_mask(bits, box, mask.shape), mask)
 
 
