@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import logging
 
+# ``log.error(..., extra=FILE_ONLY)``: the record goes to the run's log file, never to the console
+# (the full traceback of an error whose one line the command line prints itself).
+FILE_ONLY = {"console": False}
+
 
 class ConsoleFilter(logging.Filter):
-    """raysam's records from INFO, Ray's from ERROR, other libraries' from WARNING."""
+    """raysam's records from INFO, Ray's from ERROR, other libraries' from WARNING; none marked
+    :data:`FILE_ONLY`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):  # logged with extra=FILE_ONLY
+            return False
         if _under(record.name, "raysam"):
             return record.levelno >= logging.INFO
         if _under(record.name, "ray"):

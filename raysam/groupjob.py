@@ -264,12 +264,11 @@ class GroupJob:
     # ------------------------------------------------------------------ publishing
     def _publish(self) -> None:
         """Write manifest.json, publish with the marker (last), drop the work directory."""
-        import ray
-
-        from raysam.runstats import memory_mb
+        from raysam.runstats import ask, memory_mb
 
         self._mark("finalize")
-        counts, resources = ray.get([self.stats.group_counts.remote(self.group_id), self.stats.resources.remote()])
+        counts, resources = ask([self.stats.group_counts.remote(self.group_id), self.stats.resources.remote()],
+                                self.cfg.ray.timeout_s)
         peak, private = memory_mb()
         resources["peak_rss_mb"]["driver"], resources["peak_private_mb"]["driver"] = round(peak, 1), round(private, 1)
         manifest = self._manifest(counts, resources)

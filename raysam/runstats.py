@@ -46,6 +46,21 @@ def memory_mb() -> tuple[float, float]:
     return fields["VmHWM"] / 1024, (fields.get("VmRSS", 0) - fields.get("RssShmem", 0)) / 1024
 
 
+def ask(ref: Any, timeout_s: float) -> Any:
+    """``ray.get(ref)`` of a call to the run's stats actor, bounded by ``ray.timeout_s``.
+
+    Raises:
+        DataError: no answer in time (the cluster is overloaded, or lost the actor's node).
+    """
+    from raysam.errors import DataError
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise DataError(f"the run's statistics actor did not answer within {timeout_s:g} s (ray.timeout_s): the "
+                        "cluster is overloaded or lost its head node; re-run to resume") from None
+
+
 def process_info(role: str) -> tuple[str, int, str, float, float]:
     """(role, pid, node id, peak RSS MB, private RSS MB) of the calling process (:meth:`RunStats.process_peak`).
 

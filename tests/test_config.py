@@ -80,14 +80,14 @@ def test_region_is_required():
 
 def test_secret_override_moves_to_environment(monkeypatch):
     monkeypatch.delenv("PC_SDK_SUBSCRIPTION_KEY", raising=False)
-    argv = hide_secret_overrides(["raysam.run", "region=iowa", "stac.pc_key=s3cr3t-key", "sam.points_per_side=8"])
+    argv = hide_secret_overrides(["raysam.run", "region=iowa", "stac.pc_key=s3cr3t-key-0123456789abc", "sam.points_per_side=8"])
     assert argv == ["raysam.run", "region=iowa", "sam.points_per_side=8"]
     cfg = _compose(*argv[1:])
-    assert "s3cr3t-key" not in OmegaConf.to_yaml(cfg)  # what --cfg job prints and .hydra/ saves
+    assert "s3cr3t-key-0123456789abc" not in OmegaConf.to_yaml(cfg)  # what --cfg job prints and .hydra/ saves
     run = to_run_config(cfg)
-    assert run.stac.pc_key == "s3cr3t-key"
-    assert "s3cr3t-key" not in repr(run)
-    plain = redacted({"stac": {"pc_key": "s3cr3t-key", "url": "x?key=s3cr3t-key"}}, ["s3cr3t-key"])
+    assert run.stac.pc_key == "s3cr3t-key-0123456789abc"
+    assert "s3cr3t-key-0123456789abc" not in repr(run)
+    plain = redacted({"stac": {"pc_key": "s3cr3t-key-0123456789abc", "url": "x?key=s3cr3t-key-0123456789abc"}}, ["s3cr3t-key-0123456789abc"])
     assert plain == {"stac": {"pc_key": REDACTED, "url": f"x?key={REDACTED}"}}
 
 
