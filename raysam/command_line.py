@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ RUN_FLAGS = ("-m", "--multirun")  # the only flags with which every job is compo
 # Hydra flags whose next argument is their value, not an override.
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
-QUOTING = "quote a value holding spaces, commas or brackets as 'key=\"value\"' (single quotes around it all)"
+QUOTING = "quote a value holding spaces, commas, '=' or brackets as 'key=\"value\"' (single quotes around it all)"
 
 
 def split_argv(args: list[str]) -> tuple[list[str], list[str]]:
@@ -114,13 +115,24 @@ def hydra_error_line(err: BaseException) -> str:
 
 
 def parse_error_line(err: BaseException, args: list[str]) -> str:
-    """One line for an override Hydra cannot parse, with the quoting that works."""
-    first = " ".join(str(err).split())[:160]
-    if any(a.startswith(("region.geometry=", "+region.geometry=")) for a in args) or any(a.startswith("((") for a in args):
-        return (f"cannot parse the command line ({first}): the shell split or unquoted region.geometry; write it as "
-                "'region.geometry=\"minx,miny,maxx,maxy\"' or 'region.geometry=\"POLYGON ((...))\"', or as a list: "
-                "region.geometry=[minx,miny,maxx,maxy]")
-    return f"cannot parse the command line ({first}): {QUOTING}"
+    """One line for an override Hydra cannot parse, naming it, with the quoting that works."""
+    parser = OverridesParser.create()
+    bad = next((a for a in args if not _parses(parser, a)), None)
+    why = " ".join(str(err).split("See https://hydra.cc")[0].split())[:120]
+    if bad is None or bad.startswith(("region.geometry=", "+region.geometry=")) or not re.match(r"^[+~\w.@/-]+=", bad):
+        return (f"cannot parse the command line at {bad!r} ({why}): the shell split or unquoted a value; write "
+                "a region as 'region.geometry=\"minx,miny,maxx,maxy\"' or 'region.geometry=\"POLYGON ((...))\"' "
+                "(single quotes around it all), or region.geometry=[minx,miny,maxx,maxy]")
+    key = bad.split("=", 1)[0]
+    return f"cannot parse the override {bad!r} ({why}): write it as '{key}=\"{bad.split('=', 1)[1]}\"'; {QUOTING}"
+
+
+def _parses(parser: OverridesParser, arg: str) -> bool:
+    try:
+        parser.parse_overrides([arg])
+    except HydraException:
+        return False
+    return True
 
 
 def _is_hydra(o: Override) -> bool:

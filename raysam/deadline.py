@@ -19,7 +19,7 @@ from raysam.errors import RaysamError
 
 T = TypeVar("T")
 
-_abandoned: list[threading.Thread] = []
+_abandoned: list[threading.Event] = []  # set when the call given up on has returned after all
 
 
 def bounded(call: Callable[[], T], timeout_s: float, on_timeout: Callable[[], RaysamError]) -> T:
@@ -34,18 +34,24 @@ def bounded(call: Callable[[], T], timeout_s: float, on_timeout: Callable[[], Ra
         on_timeout: builds the one-line error raised when it does not answer in time.
     """
     outcome: dict[str, object] = {}
+    returned = threading.Event()
 
     def target() -> None:
         try:
             outcome["value"] = call()
         except BaseException as err:  # noqa: BLE001 - handed back to the caller below
             outcome["error"] = err
+        finally:
+            returned.set()
 
-    thread = threading.Thread(target=target, name="raysam-bounded-call", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        _abandoned.append(thread)
+    threading.Thread(target=target, name="raysam-bounded-call", daemon=True).start()
+    try:
+        finished = returned.wait(timeout_s)
+    except BaseException:  # a signal (RunInterrupted) while waiting: the call may still hang
+        _abandoned.append(returned)
+        raise
+    if not finished:
+        _abandoned.append(returned)
         raise on_timeout()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
@@ -54,4 +60,4 @@ def bounded(call: Callable[[], T], timeout_s: float, on_timeout: Callable[[], Ra
 
 def abandoned() -> bool:
     """True while a call that :func:`bounded` gave up on is still running in this process."""
-    return any(t.is_alive() for t in _abandoned)
+    return any(not returned.is_set() for returned in _abandoned)
