@@ -37,6 +37,7 @@ RUN_FLAGS = ("-m", "--multirun")  # the only flags with which every job is compo
 # Hydra flags whose next argument is their value, not an override.
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+HELP_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
 QUOTING = "quote a value holding spaces, commas, '=' or brackets as 'key=\"value\"' (single quotes around it all)"
 
 
@@ -62,6 +63,8 @@ def command_line_error(argv: list[str]) -> str | None:
         argv: ``sys.argv`` (the program name first), with the key already hidden
             (:func:`raysam.run.hide_secret_overrides`).
     """
+    if problem := argparse_error(argv[1:]):
+        return problem
     flags, args = split_argv(argv[1:])
     multirun = any(f in RUN_FLAGS for f in flags)
     try:
@@ -84,6 +87,31 @@ def command_line_error(argv: list[str]) -> str | None:
                 validate(cfg)
             except RaysamError as err:
                 return prefix + str(err)
+    return None
+
+
+class _ArgvError(Exception):
+    pass
+
+
+def argparse_error(args: list[str]) -> str | None:
+    """Hydra's own argument parser's complaint (a misplaced override, a bad ``--cfg`` value), in
+    one line instead of its usage text; None when it parses or asks for help."""
+    if any(a.split("=")[0] in HELP_FLAGS for a in args):
+        return None
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def fail(message: str) -> None:
+        raise _ArgvError(message)
+
+    parser.error = fail  # type: ignore[method-assign] - argparse would print its usage and exit
+    try:
+        parser.parse_args(args)
+    except _ArgvError as err:
+        hint = "give the overrides together, before or after the flags" if "unrecognized" in str(err) else "fix it"
+        return f"bad command line: {err}: {hint} (python -m raysam.run --help lists the flags)"
     return None
 
 
@@ -187,17 +215,18 @@ def _looks_like_bbox(values: list[str]) -> bool:
 
 
 def sweep_jobs(overrides: list[Override]) -> list[list[str]]:
-    """The override list of each job of a multirun, in Hydra's basic sweeper's order."""
-    lists = []
+    """The override list of each job of a multirun, as Hydra's basic sweeper makes them (a key
+    given twice keeps its last value; the jobs are the product of the sweeps, in order)."""
+    lists: dict[str, list[str]] = {}
     for o in overrides:
         if _is_hydra(o):
             continue
         key = o.get_key_element()
         if o.is_sweep_override() and o.is_discrete_sweep():
-            lists.append([f"{key}={value}" for value in o.sweep_string_iterator()])
+            lists[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
         else:
-            lists.append([o.input_line])
-    return [list(job) for job in itertools.product(*lists)]
+            lists[key] = [o.input_line]
+    return [list(job) for job in itertools.product(*lists.values())]
 
 
 def _swept(job: list[str], overrides: list[Override]) -> list[str]:

@@ -27,7 +27,7 @@ import raysam
 from raysam import interrupt, preflight
 from raysam.checkpoint import WORK_DIR
 from raysam.config import RayConfig, RunConfig, redacted
-from raysam.console import route_ray_logs
+from raysam.console import route_ray_logs, route_worker_output
 from raysam.errors import ConfigError
 from raysam.estimate import MeasuredRate, describe_costs, latest_rate
 from raysam.plan import GroupPlan, RunPlan, chip_bands, claim_todo, describe, plan_run
@@ -181,6 +181,7 @@ def init_ray(cfg: RunConfig) -> None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"Ray could not start or connect ({address or 'RAY_ADDRESS'}): {first[:200]}: "
                           "check ray.address and ray.object_store_gb") from None
+    route_worker_output()
     interrupt.install_handlers()  # ray.init replaced the SIGTERM handler with its own
 
 

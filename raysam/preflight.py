@@ -292,14 +292,18 @@ def check_answers(named: str, host: str, port: int, timeout_s: float) -> None:
     """
     import grpc
 
+    from raysam.deadline import bounded
+
     fix = "check the address and that the cluster is up, or raise ray.timeout_s"
     deadline = time.monotonic() + timeout_s
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
+    no_answer = f"{named}: no answer from {host}:{port} within {timeout_s:g} s (ray.timeout_s): {fix}"
+    try:  # bounded as a whole: a host name's lookup has no timeout of its own
+        bounded(lambda: socket.create_connection((host, port), timeout=timeout_s).close(), timeout_s,
+                lambda: ConfigError(no_answer))
     except socket.gaierror:
         raise ConfigError(f"{named}: unknown host {host!r}: {fix}") from None
     except TimeoutError:
-        raise ConfigError(f"{named}: no answer from {host}:{port} within {timeout_s:g} s (ray.timeout_s): {fix}") from None
+        raise ConfigError(no_answer) from None
     except OSError as err:
         raise ConfigError(f"{named}: cannot connect to {host}:{port} ({err.strerror or err}): {fix}") from None
     channel = grpc.insecure_channel(f"{host}:{port}")

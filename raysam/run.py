@@ -227,10 +227,17 @@ def cli(argv: list[str]) -> int:
     except RaysamError as err:
         _say(f"error: {err}")
         return USAGE_EXIT_CODE
+    except OSError as err:  # outside the task: Hydra creating its run directory or saving .hydra/
+        _say(f"error: cannot write Hydra's run files ({err}): point hydra.run.dir (hydra.sweep.dir with -m) "
+             "at a directory this user can create and write")
+        return USAGE_EXIT_CODE
     except Exception as err:  # noqa: BLE001 - the boundary, before Hydra set up the run's log
         if verbose:
             traceback.print_exception(err, file=sys.stderr)
-        _say(_internal_line(err, _crash_log(err)))
+        log_path = _run_log()
+        if log_path:
+            log.error("the command failed", exc_info=err, extra=FILE_ONLY)
+        _say(_internal_line(err, log_path or _crash_log(err)))
         return INTERNAL_EXIT_CODE
     finally:
         sys.argv = saved_argv

@@ -108,7 +108,14 @@ class OutputRoot:
         if self.is_local:
             _check_local_dir(self.uri, Path(self.base))
             return
-        self._bounded(lambda: self.storage.exists(self.base), "reached")
+        try:
+            self._bounded(lambda: self.storage.exists(self.base), "reached")
+        except ConfigError:
+            raise
+        except Exception as err:  # pyarrow: OSError with the client's long text
+            first = " ".join((str(err).splitlines() or [type(err).__name__])[0].split())[:200]
+            raise ConfigError(f"output.root={self.uri!r} cannot be reached ({first}): check the endpoint, the "
+                              "network and the credentials") from None
 
     def check_writable(self) -> None:
         """Create the base and write/delete a probe file, so an unwritable root fails before work.
