@@ -161,6 +161,20 @@ def check_ray(cfg: RunConfig, model_manifest: dict) -> None:
         raise ConfigError(problem)
 
 
+_ray_started: list[bool] = []  # set once init_ray started or connected Ray in this process
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance :func:`init_ray` started (or leave the cluster it connected to);
+    Ray that someone else started (a test, a notebook) is left alone."""
+    import ray
+
+    if _ray_started and ray.is_initialized():
+        _ray_started.clear()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Connect to (or start) Ray; quiet, with the object store size if configured."""
     import ray
@@ -175,12 +189,17 @@ def init_ray(cfg: RunConfig) -> None:
     if cfg.ray.object_store_gb and address == "local":
         kwargs["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
     route_ray_logs()
+    with contextlib.suppress(ImportError, AttributeError):  # a Ray call from a thread left behind by a
+        import ray._private.auto_init_hook as auto_init  # stopped run must not start or join another cluster
+
+        auto_init.enable_auto_connect = False
     try:
         ray.init(**{k: v for k, v in kwargs.items() if v is not None or k == "address"})
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"Ray could not start or connect ({address or 'RAY_ADDRESS'}): {first[:200]}: "
                           "check ray.address and ray.object_store_gb") from None
+    _ray_started.append(True)
     route_worker_output()
     interrupt.install_handlers()  # ray.init replaced the SIGTERM handler with its own
 
@@ -351,7 +370,7 @@ class RunController:
             self._watch(jobs, stream, stats, queue)
         except BaseException as err:
             self.abort()
-            if self.kept and not isinstance(err, interrupt.RunInterrupted):  # a stop says it in its own line
+            if self.kept and not isinstance(err, KeyboardInterrupt):  # a stop says it in its own line
                 log.warning("the run stopped; %d chip checkpoint(s) are kept in %s/%s for the next run",
                             self.kept, self.prepared.plan.collection_dir, WORK_DIR)
             raise

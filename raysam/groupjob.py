@@ -327,7 +327,8 @@ class GroupJob:
         """Drop what this unfinished group wrote; its chip checkpoints stay for the next run.
 
         Returns:
-            How many chip checkpoints were kept (a work directory without any is removed).
+            How many chip checkpoints were kept (a work directory without any is removed; one
+            with some keeps only them and its fingerprint, not the merge cells or previews).
         """
         if self.stage is Stage.PUBLISHED:
             return 0
@@ -336,4 +337,8 @@ class GroupJob:
         kept = checkpoint.count_shards(root, self.spec.work_dir)
         if not kept:
             root.storage.delete_tree(self.spec.work_dir)
+            return 0
+        for name in root.storage.list_names(self.spec.work_dir):
+            if name not in (checkpoint.CHIPS_DIR, checkpoint.FINGERPRINT_FILE):
+                root.storage.delete_tree(f"{self.spec.work_dir}/{name}")
         return kept

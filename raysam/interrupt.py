@@ -32,7 +32,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived; raised in the main thread."""
+    """SIGTERM or SIGINT arrived; raised in the main thread (Ray's waits may turn it into a
+    plain ``KeyboardInterrupt``: see :func:`received`)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -90,6 +91,13 @@ def _raise(signum: int, frame: object) -> None:
         _state["signum"] = signum
         raise RunInterrupted(signum)
     # a second signal: the watchdog ends the run now
+
+
+def received() -> int | None:
+    """The signal that stopped the run, if one did. Ray's own waits turn the interruption into a
+    bare ``KeyboardInterrupt``, so catch that and ask here which signal it was."""
+    signum = _state.get("signum")
+    return signum if isinstance(signum, int) else None
 
 
 def install_handlers() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -135,12 +136,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 # The error boundary
 # ---------------------------------------------------------------------------------------------
 class _Exit(BaseException):
-    """Leave the Hydra task with an exit code once its line is printed. A BaseException, as
+    """Leave the Hydra task with an exit code and the line to print. A BaseException, as
     ``sys.exit`` is: Hydra lets it through, so a multirun stops at the failed job."""
 
-    def __init__(self, code: int):
+    def __init__(self, code: int, line: str):
         super().__init__(code)
-        self.code = code
+        self.code, self.line = code, line
 
 
 def _say(line: str) -> None:
@@ -169,6 +170,14 @@ def _internal_line(err: BaseException, log_path: str) -> str:
             "(verbose=true prints it here); please report it with that file")
 
 
+def _stop_ray() -> None:
+    """Stop the Ray instance the run started (or disconnect), so that what Ray prints while it
+    stops comes before the run's last line, not after it."""
+    driver = sys.modules.get("raysam.driver")
+    if driver is not None:
+        driver.shutdown_ray()
+
+
 def _verbose(argv: list[str]) -> bool:
     return any(a.lstrip("+") in ("verbose=true", "verbose=True") for a in argv)
 
@@ -180,18 +189,14 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     logging.getLogger("raysam").setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         return run(to_run_config(cfg))
-    except interrupt.RunInterrupted:
-        raise
-    except Exception as err:  # noqa: BLE001 - the boundary: one line for everything
+    except Exception as err:  # noqa: BLE001 - the boundary: one line for everything (a stop is a BaseException)
         user = err if isinstance(err, RaysamError) else user_error_in(err)
         log.error("the run failed", exc_info=err, extra=FILE_ONLY)
         if verbose:
             traceback.print_exception(err, file=sys.stderr)
         if user is not None:
-            _say(f"error: {user}")
-            raise _Exit(USAGE_EXIT_CODE) from None
-        _say(_internal_line(err, _run_log() or _crash_log(err)))
-        raise _Exit(INTERNAL_EXIT_CODE) from None
+            raise _Exit(USAGE_EXIT_CODE, f"error: {user}") from None
+        raise _Exit(INTERNAL_EXIT_CODE, _internal_line(err, _run_log() or _crash_log(err))) from None
 
 
 def cli(argv: list[str]) -> int:
@@ -213,10 +218,14 @@ def cli(argv: list[str]) -> int:
             main()
             return 0
     except _Exit as done:
+        _stop_ray()
+        _say(done.line)
         return done.code
-    except interrupt.RunInterrupted as stop:
-        interrupt.REPORT.print_once(stop.signum)
-        return stop.exit_code
+    except KeyboardInterrupt:  # RunInterrupted, or what Ray's waits made of it
+        signum = interrupt.received() or signal.SIGINT
+        _stop_ray()
+        interrupt.REPORT.print_once(signum)
+        return 128 + signum
     except SystemExit as done:  # argparse (--help, a bad flag) and Hydra's own exits
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except (HydraException, OmegaConfBaseException) as err:
