@@ -52,7 +52,8 @@ def test_dry_run_plans_without_reading_or_writing(tmp_path, demo_catalog):
     lines = result.stdout.splitlines()
     groups = [ln for ln in lines if ln.strip().startswith("demo_2024")]
     assert len(groups) == 2 and all("2 item(s)" in ln and "8 chips" in ln and "km²" in ln for ln in groups)
-    assert "0/8 chips covered by existing output" in groups[0]
+    assert groups[0].endswith(": to do")
+    assert any(ln.startswith("cost: no rate to estimate from") for ln in lines)  # nothing measured yet
     assert not out.exists()
 
 

@@ -145,3 +145,25 @@ def test_a_setting_is_named_by_its_yaml_path_in_errors():
         to_run_config(_compose("region=iowa", "network.timeout_s=0"))
     with pytest.raises(ConfigError, match=r"^sam.band_scaling needs one value per band"):
         to_run_config(_compose("region=iowa", "sam.band_scaling=[1e-4]"))
+
+
+def test_the_key_is_redacted_where_it_is_a_value_and_nowhere_else():
+    key = "0123456789abcdef0123456789abcdef"
+    tree = {"region": {"name": "demo"}, "stac": {"pc_key": key, "url": f"https://h/api?subscription-key={key}&x=1"},
+            "headers": {"Ocp-Apim-Subscription-Key": key}, "overrides": [f"stac.pc_key={key}", "region=demo"],
+            "output": {"root": f"/data/{key}-runs"}}
+    assert redacted(tree, [key]) == {
+        "region": {"name": "demo"}, "stac": {"pc_key": REDACTED, "url": f"https://h/api?subscription-key={REDACTED}&x=1"},
+        "headers": {"Ocp-Apim-Subscription-Key": REDACTED}, "overrides": [f"stac.pc_key={REDACTED}", "region=demo"],
+        "output": {"root": f"/data/{key}-runs"},  # text that merely contains the key is not a value of it
+    }
+    # a one-letter "key" used to be cut out of every string ("regi<redacted>n"); by value it matches nothing
+    assert redacted({"region": {"name": "demo"}, "root": "outputs"}, ["o"]) == {"region": {"name": "demo"}, "root": "outputs"}
+
+
+@pytest.mark.parametrize("key", ["o", "abc123", "0123456789 abcdef0123456789abcdef"])
+def test_a_key_that_cannot_be_a_planetary_computer_key_is_refused_naming_the_form(key, monkeypatch):
+    monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", key)
+    with pytest.raises(ConfigError, match="a subscription key is 32 hexadecimal characters") as err:
+        to_run_config(_compose("region=iowa"))
+    assert len(key) < 3 or key not in str(err.value)  # the message names the form, never the value
