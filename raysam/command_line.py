@@ -38,7 +38,7 @@ RUN_FLAGS = ("-m", "--multirun")  # the only flags with which every job is compo
 FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
 HELP_FLAGS = ("-h", "--help", "--hydra-help", "--version", "--info", "-i", "--shell-completion", "-sc")
-QUOTING = "quote a value holding spaces, commas, '=' or brackets as 'key=\"value\"' (single quotes around it all)"
+QUOTING = "quote a value holding spaces, commas, '=', '~' or brackets as 'key=\"value\"' (single quotes around it all)"
 
 
 def split_argv(args: list[str]) -> tuple[list[str], list[str]]:

@@ -167,3 +167,12 @@ def test_a_key_that_cannot_be_a_planetary_computer_key_is_refused_naming_the_for
     with pytest.raises(ConfigError, match="a subscription key is 32 hexadecimal characters") as err:
         to_run_config(_compose("region=iowa"))
     assert len(key) < 3 or key not in str(err.value)  # the message names the form, never the value
+
+
+def test_paths_expand_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = to_run_config(_compose("region=iowa", "output.root='~/runs'", "model.path='~/models/vit_b'",
+                                 "stac=demo", "stac.demo_root='~/demo'"))  # Hydra's grammar wants ~ quoted
+    assert run.output.root == str(tmp_path / "runs") and run.model.path == str(tmp_path / "models" / "vit_b")
+    assert run.demo_catalog == str(tmp_path / "demo" / "catalog")
+    assert to_run_config(_compose("region=iowa", "output.root='s3://bucket/~x'")).output.root == "s3://bucket/~x"
