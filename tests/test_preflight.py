@@ -127,3 +127,19 @@ def test_an_autoscaling_cluster_gets_its_bounded_wait():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_auto_without_a_running_cluster_is_named_in_one_line(monkeypatch):
+    import os
+    from pathlib import Path
+
+    from ray._private.services import find_gcs_addresses
+
+    from raysam.preflight import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if find_gcs_addresses() or Path("/tmp/ray/ray_current_cluster").exists():
+        pytest.skip("a Ray cluster runs on this machine (ray.address=auto would find it)")
+    with pytest.raises(ConfigError, match=r"^ray.address=auto: Could not find any running Ray instance.*ray=local"):
+        ray_address(_cfg(address="auto"))
+    assert os.environ.get("RAY_ADDRESS") is None
