@@ -134,7 +134,7 @@ class RayConfig:
     object_store_gb: float | None = None
     sink_tasks: int | None = None  # back-half tasks (merge cells, tiles) at once; None: as many as CPUs
     sink_cpus: float = 1.0  # CPUs each back-half task reserves
-    timeout_s: float = 20.0  # connecting to ray.address; each call the driver makes to its stats actor
+    timeout_s: float = 15.0  # connecting to ray.address; each call the driver makes to its stats actor
     autoscale_wait_s: float | None = None  # None: the cluster must already fit the run
 
     def __post_init__(self) -> None:
@@ -176,7 +176,7 @@ class OutputConfig:
     s2_bands: tuple[str, ...] = ("B02", "B03", "B04", "B08")
     overwrite: bool = False
     single_file_max_mpx: float = 100.0
-    timeout_s: float = 20.0
+    timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         _check(self.single_file_max_mpx >= 0,

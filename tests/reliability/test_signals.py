@@ -4,7 +4,8 @@ its staging, and say in one line what was kept.
 Each test starts ``python -m raysam.run`` on the demo region, waits until the run is held in one
 phase by something real, signals it and times the exit:
 
-* **planning**: the STAC API is a server that accepts the search and never answers;
+* **planning**: the STAC API, or the object store of the output root, is a server that accepts
+  the request and never answers;
 * **reads**: every item's B04 COG is on such a server, so each chip read hangs in GDAL;
 * **SAM**: the SAM actors take 3 s per chip (``RAYSAM_SAM_CHIP_DELAY_S``); the signal comes once
   the first chip is checkpointed, so some chips are kept;
@@ -113,6 +114,16 @@ def test_a_stop_while_planning(sig, tmp_path, demo_catalog, hole):
     line = _stopped(run, sig)
     assert line == f"raysam: stopped by {sig.name}; nothing was kept (no output was written)"
     assert not run.out.exists()
+
+
+def test_a_stop_while_the_output_root_does_not_answer(tmp_path, demo_catalog, hole):
+    """The issue's case: a dry run waiting on an object store that never answers ignored SIGTERM."""
+    before = hole.connections()
+    run = Run(tmp_path, demo_catalog, SMALL, ONE_DATE, "dry_run=true", "output.timeout_s=600",
+              f"output.root='s3://bucket/out?endpoint_override=127.0.0.1:{hole.port}&scheme=http'",
+              env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+    wait_for(lambda: hole.connections() > before or run.proc.poll() is not None, 60, "the object-store request")
+    assert _stopped(run, signal.SIGTERM) == "raysam: stopped by SIGTERM; nothing was kept (no output was written)"
 
 
 WATCHDOG_SCRIPT = """
