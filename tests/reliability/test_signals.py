@@ -25,14 +25,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from raysam.demo.catalog import free_port, serve_catalog
-from tests.helpers import REPO, child_env, demo_run_command, kill_group, short_tmp_dir
+from tests.helpers import child_env, demo_run_command, kill_group, short_tmp_dir
 from tests.reliability import bad_inputs_data as bad
 from tests.reliability.conftest import wait_for
 
@@ -70,7 +69,6 @@ class Run:
 
     def __init__(self, tmp_path: Path, demo_catalog, *args: str, env: dict | None = None):
         self.out = tmp_path / "out"
-        self.ray_tmp = None
         cmd = demo_run_command(demo_catalog, self.out, tmp_path / "hydra", "region=demo", "model=demo",
                                "sam.points_per_side=2", "output.sinks=[segmentation_mask]", *args)
         self.proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
