@@ -15,6 +15,7 @@ that unpickle parts of a config never do.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -23,9 +24,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from raysam.errors import ConfigError
 from raysam.grid import DEFAULT_OVERLAP
+from raysam.items import check_band_names
 from raysam.merge import MergeParams
 from raysam.read import DEFAULT_MAX_CLOUD_FRACTION
 from raysam.region import RegionSpec
@@ -36,6 +39,7 @@ from raysam.scaling import ScalingSpec
 from raysam.stac import StacConfig
 
 REDACTED = "<redacted>"
+MIN_OBJECT_STORE_GB = 0.08  # Ray refuses an object store below 75 MiB (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
 DEMO_URL_PLACEHOLDER = "http://127.0.0.1:0"
 PC_KEY_ENV = "PC_SDK_SUBSCRIPTION_KEY"
 SINKS = ("segmentation_mask", "s2_raster", "quicklook")
@@ -48,6 +52,18 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def expand_user(path: str) -> str:
+    """A local path with ``~`` expanded; URIs (``s3://...``) and ``pkg://`` references as given."""
+    return path if "://" in path else os.path.expanduser(path)
+
+
+def _expand(obj: Any, name: str) -> None:
+    """Expand ``~`` in a frozen dataclass's path field."""
+    value = getattr(obj, name)
+    if isinstance(value, str):
+        object.__setattr__(obj, name, expand_user(value))
 
 
 def check_path_component(value: str, what: str) -> str:
@@ -71,6 +87,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.type in MODEL_TYPES, f"type={self.type!r} is unknown: use one of {list(MODEL_TYPES)}")
+        _expand(self, "path")
 
 
 @dataclass(frozen=True)
@@ -96,11 +113,14 @@ class ChipConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """Ray resources and retries. The seed's ``num_workers`` is ``sam_actors``.
+    """Ray resources, retries and time limits. The seed's ``num_workers`` is ``sam_actors``.
 
     ``max_task_retries`` bounds the in-task retries of transient I/O errors in chip reads and
     SAM calls; lost workers and nodes are retried without limit
-    (:func:`raysam.pipeline.configure_retries`).
+    (:func:`raysam.pipeline.configure_retries`). The SAM actors (``sam_actors`` of
+    ``cpus_per_actor``/``gpus_per_actor``), a chip read (``read_cpus``) and a back-half task
+    (``sink_cpus``) must fit in the cluster at once (:mod:`raysam.preflight`); with
+    ``autoscale_wait_s`` an autoscaling cluster gets that long to grow to them.
     """
 
     address: str | None = None
@@ -114,11 +134,15 @@ class RayConfig:
     object_store_gb: float | None = None
     sink_tasks: int | None = None  # back-half tasks (merge cells, tiles) at once; None: as many as CPUs
     sink_cpus: float = 1.0  # CPUs each back-half task reserves
+    timeout_s: float = 15.0  # connecting to ray.address; each call the driver makes to its stats actor
+    autoscale_wait_s: float | None = None  # None: the cluster must already fit the run
 
     def __post_init__(self) -> None:
         _check(self.sam_actors >= 1, f"sam_actors={self.sam_actors}: use a positive integer")
         _check(self.sink_tasks is None or self.sink_tasks >= 1,
                f"sink_tasks={self.sink_tasks}: use a positive integer or null")
+        _check(self.read_concurrency is None or self.read_concurrency >= 1,
+               f"read_concurrency={self.read_concurrency}: use a positive integer, or null to let Ray decide")
         _check(
             self.sam_actors_max is None or self.sam_actors_max >= self.sam_actors,
             f"sam_actors_max={self.sam_actors_max} is below sam_actors={self.sam_actors}",
@@ -126,24 +150,46 @@ class RayConfig:
         for name in ("gpus_per_actor", "cpus_per_actor", "read_cpus", "sink_cpus"):
             _check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: use a value >= 0")
         _check(self.max_task_retries >= 0, f"max_task_retries={self.max_task_retries}: use a value >= 0")
+        _check(self.object_store_gb is None or self.object_store_gb >= MIN_OBJECT_STORE_GB,
+               f"object_store_gb={self.object_store_gb} is below Ray's minimum object store (75 MiB): "
+               f"use at least {MIN_OBJECT_STORE_GB}, or null to let Ray size it")
+        _check(self.timeout_s > 0, f"timeout_s={self.timeout_s}: use a number of seconds > 0")
+        _check(self.autoscale_wait_s is None or self.autoscale_wait_s >= 0,
+               f"autoscale_wait_s={self.autoscale_wait_s}: use seconds >= 0, or null for a cluster that does not grow")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where and what to write."""
+    """Where and what to write.
+
+    Attributes:
+        root: a local path (``~`` expanded) or an object-store URI (``s3://``, ``gs://``).
+        sinks: what to write, at least one of :data:`SINKS`.
+        s2_bands: the Sentinel-2 bands the ``s2_raster`` sink writes.
+        overwrite: redo date groups whose outputs are complete.
+        single_file_max_mpx: grids up to this many megapixels also get single files.
+        timeout_s: bound on each object-store request and on reaching the root before a run.
+    """
 
     root: str = "outputs"
     sinks: tuple[str, ...] = SINKS
     s2_bands: tuple[str, ...] = ("B02", "B03", "B04", "B08")
     overwrite: bool = False
-    single_file_max_mpx: float = 100.0  # grids up to this many megapixels also get single files
+    single_file_max_mpx: float = 100.0
+    timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         _check(self.single_file_max_mpx >= 0,
                f"single_file_max_mpx={self.single_file_max_mpx}: use a value >= 0 (0: tiles only)")
         unknown = sorted(set(self.sinks) - set(SINKS))
         _check(not unknown, f"sinks has unknown sink(s) {unknown}: choose from {list(SINKS)}")
+        _check(bool(self.sinks), f"sinks is empty, so the run would write nothing: list at least one of {list(SINKS)}")
+        check_band_names("s2_bands", self.s2_bands)
+        _check(bool(self.s2_bands) or "s2_raster" not in self.sinks,
+               "s2_bands is empty but the s2_raster sink is on: list the bands to write, or drop s2_raster from sinks")
         _check(bool(self.root), "root is empty: give a local path or a URI (s3://bucket/prefix)")
+        _check(self.timeout_s > 0, f"timeout_s={self.timeout_s}: use a number of seconds > 0")
+        _expand(self, "root")
 
 
 @dataclass(frozen=True)
@@ -151,6 +197,9 @@ class DemoSource:
     """``stac=demo``: where the synthetic catalog is built (then served for the run's duration)."""
 
     demo_root: str = "demo_data"
+
+    def __post_init__(self) -> None:
+        _expand(self, "demo_root")
 
 
 @dataclass(frozen=True)
@@ -173,6 +222,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cuda", "cpu"), f"device={self.device!r}: use auto, cuda or cpu")
+        from raysam.preflight import check_settings
+
+        check_settings(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +319,7 @@ def from_tree(tree: Mapping[str, Any]) -> RunConfig:
     Raises:
         ConfigError: one line naming the setting by its YAML path and what to use instead.
     """
+    check_known(tree)
     parts = {part.cls: (group, part) for group, group_parts in GROUPS.items() for part in group_parts}
 
     def make(cls: type, **given: Any) -> Any:
@@ -286,14 +339,70 @@ def from_tree(tree: Mapping[str, Any]) -> RunConfig:
     )
 
 
+def setting_paths() -> list[str]:
+    """Every setting's YAML path (``sam.points_per_side``, ..., ``dry_run``), in schema order."""
+    grouped = [f"{group}.{key}" for group, parts in GROUPS.items() for part in parts for key, _, _ in part.settings()]
+    return grouped + [key for key, _, _ in TOP_LEVEL.settings()]
+
+
+def check_known(tree: Mapping[str, Any]) -> None:
+    """Refuse keys that are no setting (a typo added with ``+``, such as ``+dryrun=true``).
+
+    Raises:
+        ConfigError: naming each unknown key, with the closest setting if there is one.
+    """
+    known = set(setting_paths())
+    unknown = []
+    for key, value in tree.items():
+        if key in GROUPS and isinstance(value, Mapping):
+            unknown += [f"{key}.{k}" for k in value if f"{key}.{k}" not in known]
+        elif key not in known and key not in GROUPS:
+            unknown.append(str(key))
+    if unknown:
+        raise ConfigError(unknown_settings_message(unknown))
+
+
+def unknown_settings_message(unknown: list[str]) -> str:
+    """One line naming keys that are no setting, each with the closest setting if any."""
+    paths = setting_paths()
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, paths, n=1, cutoff=0.6)
+        named.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return (f"{', '.join(named)}: no such setting, so it would be ignored (even added with +); "
+            "python -m raysam.run region=<name> --cfg job lists every setting")
+
+
 def redacted(value: Any, secrets: list[str]) -> Any:
-    """A deep copy of a plain structure with every secret string replaced by ``<redacted>``."""
+    """A deep copy of a plain structure with each secret replaced by ``<redacted>`` where it is a value.
+
+    A value is redacted where it *is* the secret: a ``pc_key`` field, a string equal to a
+    secret, a URL query parameter or ``key=value`` override whose value is one, a header whose
+    value is one (any mapping entry). The secret is never searched for inside other text, so a
+    short or common key cannot damage unrelated values (``region: demo`` stays as it is).
+    """
+    secrets = [s for s in secrets if s]
     if isinstance(value, dict):
         return {k: REDACTED if k == "pc_key" and v else redacted(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(redacted(v, secrets) for v in value)
     if isinstance(value, str):
-        for secret in secrets:
-            if secret:
-                value = value.replace(secret, REDACTED)
+        return redact_text(value, secrets)
     return value
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """``text`` with a secret replaced where it is the whole value: the text itself, a URL
+    query parameter's value, or the value of a ``key=value`` (Hydra override) string."""
+    if not secrets:
+        return text
+    if text in secrets:
+        return REDACTED
+    if "?" in text:
+        base, _, query = text.partition("?")
+        pairs = [p.partition("=") for p in query.split("&")]
+        return base + "?" + "&".join(k + sep + (REDACTED if unquote(v) in secrets else v) for k, sep, v in pairs)
+    key, sep, val = text.partition("=")
+    if sep and val in secrets and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+        return f"{key}={REDACTED}"
+    return text

@@ -2,31 +2,41 @@
 
 Hydra's job logging (``conf/config.yaml``) writes every record to the run's log file
 (``<hydra run dir>/run.log``) and passes the console (stdout; stderr is kept for the one line of
-an error) only what :class:`ConsoleFilter` lets through: raysam's INFO and above, ERROR and
-above of the chatty libraries in :data:`CHATTY` (Ray's warnings are about Ray's own choices:
-token auth for the local instance raysam starts, progress bars, memory reservations; urllib3's
-are retries raysam reports itself when they run out), everyone else's WARNING and above. Ray starts
-without its own log handlers (``configure_logging=False``) so its records come here, and
+an error) only what :class:`ConsoleFilter` lets through: raysam's INFO and above, CRITICAL of the
+chatty libraries in :data:`CHATTY` (Ray's warnings are about Ray's own choices: token auth for the
+local instance raysam starts, progress bars, memory reservations; its errors restate, with stack
+traces, a failed task or actor that reaches the driver as an exception, which the command line
+reports in one line; urllib3's are retries raysam reports itself when they run out), everyone
+else's WARNING and above. Ray starts without its own log handlers (``configure_logging=False``)
+so its records come here, and
 :func:`route_ray_logs` does the same for Ray Data's console handler (its own file,
-``ray-data.log`` in the Ray session, keeps everything).
+``ray-data.log`` in the Ray session, keeps everything) and for what Ray forwards from worker
+processes (``log_to_driver``): their lines go to the run's log, not the console.
 """
 
 from __future__ import annotations
 
 import logging
 
+# ``log.error(..., extra=FILE_ONLY)``: the record goes to the run's log file, never to the console
+# (the full traceback of an error whose one line the command line prints itself).
+FILE_ONLY = {"console": False}
+
 
 CHATTY = ("ray", "urllib3")
 
 
 class ConsoleFilter(logging.Filter):
-    """raysam's records from INFO, :data:`CHATTY` libraries' from ERROR, the others' from WARNING."""
+    """raysam's records from INFO, :data:`CHATTY` libraries' at CRITICAL, the others' from WARNING;
+    none marked :data:`FILE_ONLY`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):  # logged with extra=FILE_ONLY
+            return False
         if _under(record.name, "raysam"):
             return record.levelno >= logging.INFO
         if any(_under(record.name, name) for name in CHATTY):
-            return record.levelno >= logging.ERROR
+            return record.levelno >= logging.CRITICAL
         return record.levelno >= logging.WARNING
 
 
@@ -56,4 +66,29 @@ def route_ray_logs() -> None:
 
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
-            handler.setLevel(logging.ERROR)
+            handler.setLevel(logging.CRITICAL)
+
+
+WORKER_LOGGER = "ray.workers"  # what worker processes print, forwarded by Ray: the run's log only
+
+
+def route_worker_output() -> None:
+    """Write what Ray forwards from worker processes (``log_to_driver``) to the run's log, one
+    record per line on the ``ray.workers`` logger, instead of printing it to the console: a
+    failing task's or actor's traceback reaches the driver as an exception anyway, and the
+    command line reports it in one line. Call after ``ray.init``; without Ray's (private)
+    dispatcher it leaves Ray's printing as it is."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    worker_log = logging.getLogger(WORKER_LOGGER)
+
+    def to_log(data: dict) -> None:
+        who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+        for line in data.get("lines", ()):
+            worker_log.info("%s %s", who, line)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("raysam_worker_lines")  # once, even if Ray is started again
+    dispatcher.add_handler("raysam_worker_lines", to_log)

@@ -1,7 +1,8 @@
 """The run on the driver: check inputs, plan, start Ray, watch the date groups, publish them.
 
-:func:`prepare` does everything that can fail on bad input before Ray starts (model files,
-output root, region, catalog search, planning). :func:`execute` claims the groups and hands them
+:func:`prepare` does everything that can fail on bad input before any work (the preflight, which
+``dry_run`` shares: paths, model files, Ray's address and resources, the output root, region,
+catalog search, planning, bands; see :mod:`raysam.preflight`). :func:`execute` claims the groups and hands them
 to a :class:`RunController`, which streams every group's chips through the SAM actors (Ray Data)
 and, as soon as a group's last chip is checkpointed, runs its merge and sinks as Ray tasks
 (:class:`raysam.groupjob.GroupJob`) while later groups are still being segmented. The driver
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import raysam
+from raysam import interrupt, preflight
 from raysam.checkpoint import WORK_DIR
-from raysam.config import RunConfig, redacted
-from raysam.console import route_ray_logs
+from raysam.config import RayConfig, RunConfig, redacted
+from raysam.console import route_ray_logs, route_worker_output
 from raysam.errors import ConfigError
+from raysam.estimate import MeasuredRate, describe_costs, latest_rate
 from raysam.plan import GroupPlan, RunPlan, chip_bands, claim_todo, describe, plan_run
 from raysam.progress import RunProgress
 from raysam.region import Region, load_region
@@ -45,10 +48,13 @@ class Prepared:
     model_dir: Path
     model_manifest: dict
     n_items: int
+    new_dirs: tuple[str, ...] = ()  # output-root directories that did not exist before the run
+    rate: MeasuredRate | None = None  # dry run: the measured speed its cost estimate uses
 
-    def describe(self) -> str:
-        """The dry-run report."""
-        return describe(self.plan)
+    def describe(self, ray_cfg: RayConfig | None = None) -> str:
+        """The dry-run report (with ``ray_cfg``: and the cost estimate)."""
+        costs = describe_costs(self.plan, self.rate, ray_cfg) if ray_cfg is not None else ()
+        return "\n".join([describe(self.plan), *costs])
 
 
 def ensure_model(cfg: RunConfig) -> tuple[Path, dict]:
@@ -83,7 +89,8 @@ def stac_endpoint(cfg: RunConfig) -> Iterator[Any]:
     port = free_port()
     proc = serve_catalog(root / "items.ndjson", port)
     try:
-        yield replace(cfg.stac, url=f"http://127.0.0.1:{port}")
+        with interrupt.on_stop(proc.terminate):
+            yield replace(cfg.stac, url=f"http://127.0.0.1:{port}")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -100,15 +107,72 @@ def search(cfg: RunConfig, region: Region) -> list:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    """Check the model, output root and region, search the catalog and plan the run."""
+    """The preflight and the plan: everything that can fail on bad input, before any work.
+
+    ``dry_run`` runs the same checks (so a dry run that passes means the run will start), then
+    reads the latest manifest of the same run key for its cost estimate. Every check that
+    waits on the network is bounded: ``ray.timeout_s``, ``output.timeout_s``, ``stac.timeout_s``.
+    """
+    preflight.check_paths(cfg)
     region = load_region(cfg.region)
     model_dir, manifest = ensure_model(cfg)
-    root = OutputRoot.open(cfg.output.root)
+    check_ray(cfg, manifest)
+    root = OutputRoot.open(cfg.output.root, cfg.output.timeout_s)
+    root.check_reachable()
+    new_dirs = root.missing_dirs()
     items = search(cfg, region)
     plan = plan_run(cfg, region, items, manifest, root)
-    if not cfg.dry_run and plan.todo:
-        root.check_writable()
-    return Prepared(plan, root, model_dir, manifest, len(items))
+    preflight.check_bands(cfg, plan)
+    if plan.todo:
+        root.check_writable()  # leaves nothing behind, so a dry run checks it too
+    rate = latest_rate(root, plan.collection_dir) if cfg.dry_run else None
+    return Prepared(plan, root, model_dir, manifest, len(items), new_dirs, rate)
+
+
+def check_ray(cfg: RunConfig, model_manifest: dict) -> None:
+    """The Ray side of the preflight: the cluster answers, and the run's actors and tasks fit.
+
+    A local instance is sized as Ray would size it, without starting it; a cluster at an
+    address is connected to (within ``ray.timeout_s``) and its nodes are counted. With
+    ``ray.autoscale_wait_s`` the run waits that long for the cluster to grow (a dry run only
+    says so).
+
+    Raises:
+        ConfigError: unreachable address, or what the run needs does not fit.
+    """
+    import ray
+
+    model_bytes = preflight.model_bytes(model_manifest)
+    if not ray.is_initialized():
+        if preflight.ray_address(cfg) is None:
+            capacity = preflight.local_capacity(cfg)
+            if problem := preflight.unmet_demand(cfg, capacity, model_bytes):
+                raise ConfigError(problem)
+            return
+        init_ray(cfg)
+    problem = preflight.unmet_demand(cfg, preflight.connected_capacity(), model_bytes)
+    if problem and cfg.ray.autoscale_wait_s is not None:
+        if cfg.dry_run:
+            log.info("%s; the run will wait up to %g s (ray.autoscale_wait_s) for the cluster to grow",
+                     problem, cfg.ray.autoscale_wait_s)
+            return
+        preflight.wait_for_capacity(cfg, model_bytes)
+    elif problem:
+        raise ConfigError(problem)
+
+
+_ray_started: list[bool] = []  # set once init_ray started or connected Ray in this process
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance :func:`init_ray` started (or leave the cluster it connected to);
+    Ray that someone else started (a test, a notebook) is left alone."""
+    import ray
+
+    if _ray_started and ray.is_initialized():
+        _ray_started.clear()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -125,7 +189,19 @@ def init_ray(cfg: RunConfig) -> None:
     if cfg.ray.object_store_gb and address == "local":
         kwargs["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
     route_ray_logs()
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None or k == "address"})
+    with contextlib.suppress(ImportError, AttributeError):  # a Ray call from a thread left behind by a
+        import ray._private.auto_init_hook as auto_init  # stopped run must not start or join another cluster
+
+        auto_init.enable_auto_connect = False
+    try:
+        ray.init(**{k: v for k, v in kwargs.items() if v is not None or k == "address"})
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"Ray could not start or connect ({address or 'RAY_ADDRESS'}): {first[:200]}: "
+                          "check ray.address and ray.object_store_gb") from None
+    _ray_started.append(True)
+    route_worker_output()
+    interrupt.install_handlers()  # ray.init replaced the SIGTERM handler with its own
 
 
 def versions() -> dict[str, str]:
@@ -164,22 +240,40 @@ def manifest_base(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
 def execute(cfg: RunConfig, prepared: Prepared) -> dict[str, Any]:
     """Claim the incomplete date groups (one lock each), then segment, merge, write and publish them.
 
+    However the run ends (done, failed, SIGTERM/SIGINT), unfinished groups are aborted, the
+    locks released and the directories it left empty removed; if the main thread is stuck when
+    a signal comes, :mod:`raysam.interrupt`'s watchdog does the same from its own thread.
+
     Raises:
         ConfigError: another run on the same output root holds a date group's lock.
     """
-    todo, locks = claim_todo(prepared.plan, prepared.root, cfg.output.overwrite)
-    try:
-        with keep_alive(prepared.root, locks):
-            return RunController(cfg, prepared, todo, locks).run()
-    finally:
+    locks: dict = {}
+    controllers: list[RunController] = []
+
+    def tidy() -> None:
+        for controller in controllers:
+            controller.abort()
+        interrupt.REPORT.locks_released += len(locks)
         release_all(prepared.root, locks)
-        remove_empty_dirs(prepared.root, prepared.plan)
+        remove_empty_dirs(prepared.root, prepared.plan, prepared.new_dirs)
+
+    cleanup = interrupt.Once(tidy)
+    with interrupt.on_stop(cleanup):
+        try:
+            todo, claimed = claim_todo(prepared.plan, prepared.root, cfg.output.overwrite)
+            locks.update(claimed)
+            controllers.append(RunController(cfg, prepared, todo, locks))
+            with keep_alive(prepared.root, locks):
+                return controllers[0].run()
+        finally:
+            cleanup()
 
 
-def remove_empty_dirs(root: OutputRoot, plan: RunPlan) -> None:
-    """Remove the work, collection and region directories if the run left them empty."""
+def remove_empty_dirs(root: OutputRoot, plan: RunPlan, new_dirs: tuple[str, ...] = ()) -> None:
+    """Remove the work, collection and region directories if the run left them empty, then the
+    output-root directories the run created (``new_dirs``, deepest first) if they are empty."""
     collection = plan.collection_dir
-    for path in (f"{collection}/{WORK_DIR}", collection, collection.rsplit("/", 1)[0]):
+    for path in (f"{collection}/{WORK_DIR}", collection, collection.rsplit("/", 1)[0], *new_dirs):
         root.storage.delete_empty_dir(path)
 
 
@@ -219,6 +313,11 @@ class RunController:
             if g.complete:
                 log.info("date group %s is complete in %s: skipped", g.group.id, g.out_dir)
         self.progress = RunProgress([(g.group.id, g.area_km2) for g in todo])
+        self.jobs: list[Any] = []  # GroupJob, one per claimed group, once the run starts
+        self.queue: Any = None  # TaskQueue
+        self.kept = 0  # chip checkpoints kept by abort()
+        self._abort_lock = threading.Lock()
+        self._aborted = False
         self.metrics: dict[str, Any] = {
             "groups_done": 0, "groups_skipped": len(plan.groups) - len(todo), "chips_segmented": 0,
             "chips_resumed": 0, "chips_skipped": 0, "masks": 0, "area_km2": sum(g.area_km2 for g in todo),
@@ -244,11 +343,11 @@ class RunController:
         init_ray(cfg)
         stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
         publisher = publisher_for(root)
-        queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        self.queue = queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
         base = manifest_base(cfg, self.prepared)
         signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
         scaling_refs = [tasks.group_scaling.remote(cfg.chip.scaling, g.group, signer, cfg.network) for g in self.todo]
-        jobs: list[GroupJob] = []
+        jobs: list[GroupJob] = self.jobs
         try:
             for i, g in enumerate(self.todo):
                 spec = GroupSpec(g.group, root, g.fingerprint, g.out_dir, publisher.begin(root, g.out_dir), g.work_dir,
@@ -261,12 +360,11 @@ class RunController:
             stream.start()
             jobs[0].activate()
             self._watch(jobs, stream, stats, queue)
-        except BaseException:
-            queue.cancel()
-            kept = sum(job.abort() for job in jobs)
-            if kept:
+        except BaseException as err:
+            self.abort()
+            if self.kept and not isinstance(err, KeyboardInterrupt):  # a stop says it in its own line
                 log.warning("the run stopped; %d chip checkpoint(s) are kept in %s/%s for the next run",
-                            kept, self.prepared.plan.collection_dir, WORK_DIR)
+                            self.kept, self.prepared.plan.collection_dir, WORK_DIR)
             raise
         finally:
             self.progress.close()
@@ -274,17 +372,34 @@ class RunController:
         self.metrics["pipeline_s"] = time.perf_counter() - t0
         return self.metrics
 
+    def abort(self) -> None:
+        """Cancel the run's tasks and drop what its unfinished groups wrote, keeping their chip
+        checkpoints (once, from whichever thread gets here first)."""
+        with self._abort_lock:
+            if self._aborted:
+                return
+            self._aborted = True
+        if self.queue is not None:
+            self.queue.cancel()
+        from raysam.groupjob import Stage
+
+        unfinished = [job for job in self.jobs if job.stage is not Stage.PUBLISHED]
+        self.kept = sum(job.abort() for job in unfinished)
+        report = interrupt.REPORT
+        report.groups_dropped += len(unfinished)
+        report.checkpoints_kept += self.kept
+        report.kept_in = f"{self.prepared.plan.collection_dir}/{WORK_DIR}"
+
     def _watch(self, jobs: list, stream: ChipStream, stats: Any, queue: Any) -> None:
         """The driver loop: progress counters in, task results in, groups out."""
-        import ray
-
         from raysam.groupjob import Stage
+        from raysam.runstats import ask
 
         n_rows = {job.group_id: job.n_chip_rows for job in jobs}
         while any(job.stage is not Stage.PUBLISHED for job in jobs) or queue.busy:
             if stream.error is not None:
                 raise stream.error
-            progress = ray.get(stats.progress.remote())
+            progress = ask(stats.progress.remote(), self.cfg.ray.timeout_s)
             self.progress.update(progress, n_rows)
             previous_in = True
             for job in jobs:

@@ -265,12 +265,11 @@ class GroupJob:
     # ------------------------------------------------------------------ publishing
     def _publish(self) -> None:
         """Write manifest.json, publish with the marker (last), drop the work directory."""
-        import ray
-
-        from raysam.runstats import memory_mb
+        from raysam.runstats import ask, memory_mb
 
         self._mark("finalize")
-        counts, resources = ray.get([self.stats.group_counts.remote(self.group_id), self.stats.resources.remote()])
+        counts, resources = ask([self.stats.group_counts.remote(self.group_id), self.stats.resources.remote()],
+                                self.cfg.ray.timeout_s)
         peak, private = memory_mb()
         resources["peak_rss_mb"]["driver"], resources["peak_private_mb"]["driver"] = round(peak, 1), round(private, 1)
         manifest = self._manifest(counts, resources)
@@ -330,7 +329,8 @@ class GroupJob:
         """Drop what this unfinished group wrote; its chip checkpoints stay for the next run.
 
         Returns:
-            How many chip checkpoints were kept (a work directory without any is removed).
+            How many chip checkpoints were kept (a work directory without any is removed; one
+            with some keeps only them and its fingerprint, not the merge cells or previews).
         """
         if self.stage is Stage.PUBLISHED:
             return 0
@@ -339,4 +339,8 @@ class GroupJob:
         kept = checkpoint.count_shards(root, self.spec.work_dir)
         if not kept:
             root.storage.delete_tree(self.spec.work_dir)
+            return 0
+        for name in root.storage.list_names(self.spec.work_dir):
+            if name not in (checkpoint.CHIPS_DIR, checkpoint.FINGERPRINT_FILE):
+                root.storage.delete_tree(f"{self.spec.work_dir}/{name}")
         return kept

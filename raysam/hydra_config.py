@@ -6,7 +6,8 @@ unknown key or a value of the wrong type fails while Hydra composes, and no sett
 twice. It is registered as ``raysam_schema`` (the first entry of ``conf/config.yaml``'s
 defaults list) when this module is imported: by the entrypoint (:mod:`raysam.run`) and tests,
 never by Ray workers. :func:`to_run_config` validates a composed config into a
-:class:`~raysam.config.RunConfig`. Only this module and :mod:`raysam.run` import Hydra.
+:class:`~raysam.config.RunConfig`. Only this module, :mod:`raysam.command_line` (the command
+line's checks) and :mod:`raysam.run` import Hydra.
 """
 
 from __future__ import annotations

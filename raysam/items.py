@@ -8,8 +8,11 @@ resolved from ``eo:bands`` names and common names, whatever the catalog's asset 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from raysam.errors import ConfigError
 
 # Seed parameter ``band_names`` uses R, G, B; map them (and STAC common names) to band ids.
 BAND_ALIASES: dict[str, str] = {
@@ -19,11 +22,24 @@ BAND_ALIASES: dict[str, str] = {
     "nir08": "B8A", "nir09": "B09", "swir16": "B11", "swir22": "B12",
 }
 REFLECTANCE_SCALE = 1e-4  # Sentinel-2 L2A: reflectance = (DN + offset) * 1e-4
+KNOWN_BANDS = frozenset([f"B{i:02d}" for i in range(1, 13)] + ["B8A", "SCL"])
 
 
 def canonical_band(name: str) -> str:
     """Return the Sentinel-2 band id for a band id, seed alias (R/G/B) or STAC common name."""
     return BAND_ALIASES.get(name, BAND_ALIASES.get(name.lower(), name.upper()))
+
+
+def check_band_names(setting: str, bands: Sequence[str]) -> None:
+    """Refuse names that are no Sentinel-2 band (id, alias or common name), naming the setting.
+
+    Raises:
+        ConfigError: ``<setting> has 'B99', which is not a Sentinel-2 band: ...``.
+    """
+    unknown = [b for b in bands if not isinstance(b, str) or canonical_band(b) not in KNOWN_BANDS]
+    if unknown:
+        raise ConfigError(f"{setting} has {', '.join(map(repr, unknown))}, which is not a Sentinel-2 band: use "
+                          "B01-B12, B8A or SCL (or R, G, B, N, or a STAC common name such as red or nir)")
 
 
 @dataclass(frozen=True)

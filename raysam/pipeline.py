@@ -32,6 +32,7 @@ from raysam import checkpoint, records
 from raysam.config import RayConfig, RunConfig
 from raysam.layout import GroupSpec
 from raysam.model_source import ModelSource
+from raysam.preflight import READ_TASK_MEMORY_BYTES
 from raysam.runstats import STATS_ACTOR, process_info, reset_peak
 
 # Test and demo knob: seconds each SAM actor sleeps per chip (default 0). Fault-injection tests
@@ -54,12 +55,10 @@ TRANSIENT_ERROR_PATTERN = (
     r"^(?:[\w.]*UserCodeException: UDF failed to process a data block\. )?(?:\w+\.)*(?:"
     + "|".join(TRANSIENT_ERRORS) + r")(?::|$)"
 )
-# Memory a chip-read worker uses: ~390 MB measured (Ray Data's issue detector, demo region): the
-# worker's baseline plus 4 bands of 1024 x 1024 (DN, reflectance float32, masks) and GDAL's warp
-# buffers; reserved so that many concurrent reads cannot oversubscribe a node's memory. Differing from the SAM stage's reservation, it also
-# keeps Ray Data from fusing the reads into the SAM actors (which it does for operators with
-# equal resources), so chips are read by CPU tasks while the actors segment.
-READ_TASK_MEMORY_BYTES = 512 * 1024**2
+# A read task reserves READ_TASK_MEMORY_BYTES (raysam.preflight, which checks that a node has room
+# for it). Differing from the SAM stage's reservation, it also keeps Ray Data from fusing the reads
+# into the SAM actors (which it does for operators with equal resources), so chips are read by
+# CPU tasks while the actors segment.
 
 
 def configure_retries(ctx: Any, ray_cfg: RayConfig) -> None:

@@ -36,7 +36,10 @@ MAX_NAME_CHARS = 128  # a date group's directory and lock add ~40 characters; fi
 # (696,000 km², the largest contiguous US state): about 40,000 chips per date at overlap 0.5.
 MAX_AOI_LON_SPAN_DEG = 30.0
 MAX_AOI_KM2 = 1_000_000.0
-_WKT_RE = re.compile(r"^\s*(MULTI)?POLYGON\b", re.IGNORECASE)
+# Any WKT geometry (a point or a line is parsed too, to be refused for having no area).
+_WKT_RE = re.compile(r"^\s*(MULTI)?(POINT|LINESTRING|POLYGON)\b|^\s*GEOMETRYCOLLECTION\b", re.IGNORECASE)
+_PROJECTED_HINT = ("these look like projected coordinates (metres?), not degrees: give lon/lat in "
+                   "EPSG:4326, or a GeoJSON/GeoParquet file that declares its CRS")
 _GEOJSON_SUFFIXES = (".geojson", ".json")
 _PARQUET_SUFFIXES = (".parquet", ".geoparquet")
 # RFC 7946: a GeoJSON without a "crs" member is lon/lat WGS84; these names all mean that.
@@ -255,7 +258,7 @@ def bbox_polygon(values: Any, name: str = "region") -> Polygon:
     if not (-180 <= minx <= 180 and -180 <= maxx <= 180 and -90 <= miny <= 90
             and -90 <= maxy <= 90):
         raise ConfigError(f"region {name}: bbox {values!r} is outside lon -180..180 / lat "
-                          "-90..90; give minx,miny,maxx,maxy in degrees")
+                          f"-90..90; {_PROJECTED_HINT}")
     if minx - maxx > 180 and miny < maxy:  # RFC 7946 5.2: minx > maxx means crossing lon 180
         raise ConfigError(f"region {name}: bbox {values!r} crosses the antimeridian (minx > "
                           "maxx), which one UTM grid cannot hold; split it into two regions at "
@@ -280,6 +283,9 @@ def resolve_path(ref: str) -> Path:
 
 def read_geometry_file(path: Path, name: str = "region") -> shapely.Geometry:
     """Read all geometries of a vector file, union them and reproject them to EPSG:4326."""
+    if path.is_dir():
+        raise DataError(f"region {name}: geometry {path} is a directory, not a file; give a "
+                        "GeoJSON/GeoParquet file, a WKT polygon or a bbox")
     if not path.is_file():
         raise DataError(f"region {name}: geometry file {path} does not exist; check the path "
                         "(pkg://raysam/data/... for packaged files)")
@@ -293,7 +299,7 @@ def read_geometry_file(path: Path, name: str = "region") -> shapely.Geometry:
     if not geoms:
         raise DataError(f"region {name}: {path} holds no geometry; give a file with at least "
                         "one polygon")
-    return to_wgs84(shapely.union_all(geoms), crs)
+    return to_wgs84(shapely.union_all(geoms), crs, name)
 
 
 def _read_geojson(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS]:
@@ -306,10 +312,32 @@ def _read_geojson(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj
     except (ValueError, KeyError, TypeError, AttributeError, shapely.errors.GEOSException) as err:
         raise DataError(f"region {name}: {path} is not valid GeoJSON ({err}); fix or "
                         "re-export the file") from None
-    crs_name = ((doc.get("crs") or {}).get("properties") or {}).get("name")
-    if crs_name is None or crs_name.upper() in _WGS84_NAMES:
-        return geoms, pyproj.CRS.from_user_input("OGC:CRS84")
-    return geoms, _parse_crs(crs_name, path, name)
+    return geoms, _geojson_crs(doc.get("crs") if isinstance(doc, dict) else None, path, name)
+
+
+def _geojson_crs(member: Any, path: Path, name: str) -> pyproj.CRS:
+    """The CRS a GeoJSON's legacy ``crs`` member names (none: lon/lat, RFC 7946).
+
+    Named (``{"type": "name", "properties": {"name": "EPSG:32615"}}``), EPSG
+    (``{"type": "EPSG", "properties": {"code": 32615}}``, GeoJSON 2008) and plain strings are
+    read; a linked CRS or anything else is refused in one line.
+    """
+    if member is None or member == {}:
+        return pyproj.CRS.from_user_input("OGC:CRS84")
+    props = member.get("properties") if isinstance(member, dict) else None
+    kind = str(member.get("type", "")).lower() if isinstance(member, dict) else ""
+    if isinstance(member, str):
+        value = member
+    elif kind == "name" and isinstance(props, dict) and isinstance(props.get("name"), str):
+        value = props["name"]
+    elif kind == "epsg" and isinstance(props, dict) and isinstance(props.get("code"), int | str):
+        value = f"EPSG:{props['code']}"
+    else:
+        raise DataError(f"region {name}: {path} has a 'crs' member raysam cannot read ({json.dumps(member)[:80]}); "
+                        "re-export it as RFC 7946 GeoJSON (lon/lat, no crs member) or as GeoParquet")
+    if value.upper() in _WGS84_NAMES:
+        return pyproj.CRS.from_user_input("OGC:CRS84")
+    return _parse_crs(value, path, name)
 
 
 def _read_geoparquet(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS]:
@@ -329,6 +357,7 @@ def _read_geoparquet(path: Path, name: str) -> tuple[list[shapely.Geometry], pyp
         column = geo["primary_column"]
         col_meta = geo["columns"][column]
         wkb = pq.read_table(path, columns=[column]).column(column).to_pylist()
+        geoms = [shapely.from_wkb(b) for b in wkb if b is not None]
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a corrupt file
@@ -339,7 +368,7 @@ def _read_geoparquet(path: Path, name: str) -> tuple[list[shapely.Geometry], pyp
                         "gdf.set_crs(4326).to_parquet(...)")
     crs_json = col_meta.get("crs", "OGC:CRS84")
     crs = _parse_crs(json.dumps(crs_json) if isinstance(crs_json, dict) else crs_json, path, name)
-    return [shapely.from_wkb(b) for b in wkb if b is not None], crs
+    return geoms, crs
 
 
 def _read_ogr(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS]:
@@ -351,31 +380,40 @@ def _read_ogr(path: Path, name: str) -> tuple[list[shapely.Geometry], pyproj.CRS
                         "pyogrio, or convert the file to GeoJSON") from None
     try:
         meta, _, wkb, _ = ogr_read(path, read_geometry=True, columns=[])
+        geoms = [shapely.from_wkb(b) for b in wkb if b is not None]
     except Exception as err:  # noqa: BLE001 - GDAL errors come in many types
         raise DataError(f"region {name}: cannot read {path} ({err}); check the file") from None
     if not meta.get("crs"):
         raise DataError(f"region {name}: {path} has no CRS (.prj missing?); define one, e.g. "
                         "ogr2ogr -a_srs EPSG:4326")
-    return [shapely.from_wkb(b) for b in wkb if b is not None], _parse_crs(meta["crs"], path, name)
+    return geoms, _parse_crs(meta["crs"], path, name)
 
 
 def _parse_crs(value: str, path: Path, name: str) -> pyproj.CRS:
     """Parse a CRS string from a file, naming the file on failure."""
     try:
         return pyproj.CRS.from_user_input(value)
-    except pyproj.exceptions.CRSError:
-        raise DataError(f"region {name}: {path} has an unrecognised CRS {value!r}; re-export "
+    except (pyproj.exceptions.CRSError, TypeError, ValueError):
+        raise DataError(f"region {name}: {path} has an unrecognised CRS {str(value)[:80]!r}; re-export "
                         "it in EPSG:4326") from None
 
 
-def to_wgs84(geom: shapely.Geometry, crs: pyproj.CRS) -> shapely.Geometry:
-    """Reproject a geometry from ``crs`` to lon/lat EPSG:4326 (x = lon)."""
+def to_wgs84(geom: shapely.Geometry, crs: pyproj.CRS, name: str = "region") -> shapely.Geometry:
+    """Reproject a geometry from ``crs`` to lon/lat EPSG:4326 (x = lon).
+
+    Raises:
+        DataError: ``crs`` cannot be transformed to lon/lat (an engineering or geocentric CRS).
+    """
     target = pyproj.CRS.from_user_input("OGC:CRS84")
     if crs.equals(target) or crs.equals(pyproj.CRS.from_epsg(4326), ignore_axis_order=True):
         return geom
-    transformer = pyproj.Transformer.from_crs(crs, target, always_xy=True)
-    return shapely.transform(
-        geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+    try:
+        transformer = pyproj.Transformer.from_crs(crs, target, always_xy=True)
+        return shapely.transform(
+            geom, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1], errcheck=True)))
+    except (pyproj.exceptions.ProjError, pyproj.exceptions.CRSError) as err:
+        raise DataError(f"region {name}: the AOI's CRS ({crs.name}) cannot be transformed to lon/lat "
+                        f"({str(err).splitlines()[0][:120]}); re-export the file in EPSG:4326") from None
 
 
 def validate_aoi(geom: shapely.Geometry, name: str = "region") -> Polygon | MultiPolygon:
@@ -385,8 +423,8 @@ def validate_aoi(geom: shapely.Geometry, name: str = "region") -> Polygon | Mult
     if geom.geom_type == "GeometryCollection":
         geom = shapely.union_all([g for g in geom.geoms if g.geom_type.endswith("Polygon")])
     if geom.geom_type not in ("Polygon", "MultiPolygon"):
-        raise ConfigError(f"region {name}: the AOI is a {geom.geom_type}, not a polygon; give "
-                          "a Polygon or MultiPolygon (buffer points/lines first)")
+        raise ConfigError(f"region {name}: the AOI is a {geom.geom_type}, not a polygon: an AOI needs an "
+                          "area; give a Polygon or MultiPolygon (buffer points or lines first)")
     if not geom.is_valid:
         raise DataError(f"region {name}: the AOI polygon is invalid "
                         f"({shapely.is_valid_reason(geom)}); fix the geometry (e.g. remove the "
@@ -394,6 +432,9 @@ def validate_aoi(geom: shapely.Geometry, name: str = "region") -> Polygon | Mult
     if geom.area == 0:
         raise DataError(f"region {name}: the AOI polygon has zero area; give a polygon with area")
     minx, miny, maxx, maxy = geom.bounds
+    if max(abs(minx), abs(maxx)) > 360 or max(abs(miny), abs(maxy)) > 90:
+        raise ConfigError(f"region {name}: AOI bounds {tuple(round(v, 3) for v in geom.bounds)} are outside "
+                          f"lon/lat range; {_PROJECTED_HINT}")
     if _crosses_antimeridian(geom):
         raise ConfigError(f"region {name}: the AOI crosses the antimeridian (lon 180), which one "
                           "UTM grid cannot hold; split it into two regions at lon 180")

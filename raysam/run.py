@@ -1,40 +1,61 @@
-"""The Hydra entrypoint: ``python -m raysam.run region=demo model=demo``.
+"""The Hydra entrypoint: ``python -m raysam.run region=demo model=demo``, and its one error boundary.
 
-A thin ``@hydra.main`` that validates the composed config (before Ray starts) and calls the
-plain :func:`run`, which returns the run's metrics. User errors end the process with one line
-on stderr and exit code 2 (``verbose=true`` shows the stack trace).
+:func:`cli` is the only way out of a command line, and every way out is one line on stderr:
+
+* a bad input (a :class:`~raysam.errors.RaysamError`, Hydra's parse, override, sweep and
+  ``--cfg`` errors, a Ray address that does not answer) exits 2 with the line naming the
+  problem and the fix; every job's config of a multirun is checked before the first starts
+  (:mod:`raysam.command_line`);
+* an unexpected internal error exits 1 with a line giving the log file that holds its traceback
+  (``run.log`` in the Hydra run directory);
+* SIGTERM or SIGINT stop the run within seconds (:mod:`raysam.interrupt`) and exit 128 + the
+  signal, with a line saying what was kept.
+
+The full traceback always goes to the run's log, and to the console only with ``verbose=true``.
+The thin ``@hydra.main`` task validates the composed config (before Ray starts) and calls the
+plain :func:`run`, which returns the run's metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra.experimental.callback import Callback
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from raysam.config import PC_KEY_ENV, RunConfig
-from raysam.errors import RaysamError, user_error_in
+from raysam import deadline, interrupt
+from raysam.command_line import CONF_DIR, command_line_error, hydra_error_line
+from raysam.config import PC_KEY_ENV, RunConfig, redacted
+from raysam.console import FILE_ONLY
+from raysam.errors import USAGE_EXIT_CODE, RaysamError, user_error_in
 from raysam.hydra_config import to_run_config
 
 log = logging.getLogger("raysam")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+INTERNAL_EXIT_CODE = 1
+__all__ = ["CONF_DIR", "cli", "hide_secret_overrides", "main", "run"]
 
 
 class RedactSecrets(Callback):
     """Rewrites Hydra's saved ``.hydra/*.yaml`` and ``multirun.yaml`` without the STAC key.
 
     Hydra saves the composed config before calling the task; this callback runs right after
-    (``on_job_start``) and replaces the key (from ``stac.pc_key`` or the environment) wherever
-    it appears, including the saved command-line overrides.
+    (``on_job_start``) and replaces the key (from ``stac.pc_key`` or the environment) where it
+    is a value: a config field, a URL's query parameter, a saved ``key=value`` override
+    (:func:`raysam.config.redacted`). Text that merely contains the key is left alone.
     """
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -49,10 +70,10 @@ class RedactSecrets(Callback):
         sweep_yaml = Path(hc.sweep.dir) / "multirun.yaml"
         paths += [sweep_yaml] if sweep_yaml.exists() else []
         for path in paths:
-            text = path.read_text()
-            for secret in secrets:
-                text = text.replace(str(secret), "<redacted>")
-            path.write_text(text)
+            saved = yaml.safe_load(path.read_text())
+            clean = redacted(saved, secrets)
+            if clean != saved:
+                path.write_text(yaml.safe_dump(clean, sort_keys=False, allow_unicode=True))
 
 
 SECRET_OVERRIDES = ("stac.pc_key=", "pc_key=", "+stac.pc_key=", "++stac.pc_key=")
@@ -76,56 +97,6 @@ def hide_secret_overrides(argv: list[str]) -> list[str]:
     return kept
 
 
-# Hydra flags whose next argument is their value, not an override.
-_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
-_RUN_FLAGS = ("-m", "--multirun")  # the only flags with which the overrides are checked first
-
-
-def override_error(argv: list[str]) -> str | None:
-    """Compose the config once with the command line's overrides (sweeps left out).
-
-    Hydra reports a bad override (a wrong type, an unknown key or config group) in several
-    lines and exits 1; this finds it first so the run can say it in one line and exit 2.
-    Command lines with other Hydra flags (``--cfg``, ``--help``, ...) are left to Hydra.
-
-    Returns:
-        The problem in one line, or None when the overrides compose.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    args = argv[1:]
-    if any(a.startswith("-") and a not in _RUN_FLAGS for a in args):
-        return None
-    overrides = [a for a in args if a not in _RUN_FLAGS]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name="config", overrides=plain)
-    except (HydraException, OmegaConfBaseException) as err:
-        message = str(err).split("Config search path")[0]
-        if err.__cause__ is not None:  # the why: "Value 'abc' could not be converted to Integer"
-            message += f": {str(err.__cause__).strip().splitlines()[0]}"
-        return f"bad command-line override: {' '.join(message.split())[:300]}"
-    return None
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.getLogger("raysam").setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
-def _exit_on_sigterm() -> None:
-    """Turn SIGTERM (a preempted node, ``kubectl delete``) into SystemExit, so the run's cleanup
-    (staging directories, date-group locks) runs as it does for Ctrl-C. Ray sets the same
-    handler once it starts; this covers the planning and claiming before it."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Plan, then (unless ``dry_run``) segment every incomplete date group and write its sinks.
 
@@ -139,7 +110,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     if cfg.dry_run:
-        print(prepared.describe())
+        print(prepared.describe(cfg.ray))
         return {"dry_run": True, "groups": len(prepared.plan.groups)}
     try:
         metrics = execute(cfg, prepared)
@@ -161,24 +132,141 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------
+# The error boundary
+# ---------------------------------------------------------------------------------------------
+class _Exit(BaseException):
+    """Leave the Hydra task with an exit code and the line to print. A BaseException, as
+    ``sys.exit`` is: Hydra lets it through, so a multirun stops at the failed job."""
+
+    def __init__(self, code: int, line: str):
+        super().__init__(code)
+        self.code, self.line = code, line
+
+
+def _say(line: str) -> None:
+    print(f"raysam: {line}" if not line.startswith("raysam: ") else line, file=sys.stderr, flush=True)
+
+
+def _run_log() -> str | None:
+    """The run's log file (the Hydra job logging's file handler), if logging is set up."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
+
+
+def _crash_log(err: BaseException) -> str:
+    """Write a traceback that has no run log yet (before Hydra set one up) to a file of its own."""
+    fd, path = tempfile.mkstemp(prefix="raysam-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exception(err, file=f)
+    return path
+
+
+def _internal_line(err: BaseException, log_path: str) -> str:
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return (f"internal error ({type(err).__name__}: {first}), a bug in raysam: the traceback is in {log_path} "
+            "(verbose=true prints it here); please report it with that file")
+
+
+def _stop_ray() -> None:
+    """Stop the Ray instance the run started (or disconnect), so that what Ray prints while it
+    stops comes before the run's last line, not after it."""
+    driver = sys.modules.get("raysam.driver")
+    if driver is not None:
+        driver.shutdown_ray()
+
+
+def _verbose(argv: list[str]) -> bool:
+    return any(a.lstrip("+") in ("verbose=true", "verbose=True") for a in argv)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    """Hydra task: validate, then :func:`run`. Exits 2 with one line on a user error."""
+    """Hydra task: validate, then :func:`run`; every error becomes one line (see the module)."""
     verbose = bool(cfg.get("verbose", False))
-    _setup_logging(verbose)
-    _exit_on_sigterm()
+    logging.getLogger("raysam").setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         return run(to_run_config(cfg))
-    except RaysamError as err:
+    except Exception as err:  # noqa: BLE001 - the boundary: one line for everything (a stop is a BaseException)
+        user = err if isinstance(err, RaysamError) else user_error_in(err)
+        log.error("the run failed", exc_info=err, extra=FILE_ONLY)
         if verbose:
-            raise
-        print(f"raysam: error: {err}", file=sys.stderr)
-        sys.exit(2)
+            traceback.print_exception(err, file=sys.stderr)
+        if user is not None:
+            raise _Exit(USAGE_EXIT_CODE, f"error: {user}") from None
+        raise _Exit(INTERNAL_EXIT_CODE, _internal_line(err, _run_log() or _crash_log(err))) from None
+
+
+def cli(argv: list[str]) -> int:
+    """``python -m raysam.run ARGS``: check the command line, run Hydra, return the exit code.
+
+    Args:
+        argv: ``sys.argv``, the program name first.
+    """
+    argv = hide_secret_overrides(argv)
+    verbose = _verbose(argv)
+    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach this boundary instead of being printed
+    try:
+        with interrupt.guard():
+            if problem := command_line_error(argv):
+                _say(f"error: {problem}")
+                return USAGE_EXIT_CODE
+            sys.argv = argv
+            main()
+            return 0
+    except _Exit as done:
+        _stop_ray()
+        _say(done.line)
+        return done.code
+    except KeyboardInterrupt:  # RunInterrupted, or what Ray's waits made of it
+        signum = interrupt.received() or signal.SIGINT
+        _stop_ray()
+        interrupt.REPORT.print_once(signum)
+        return 128 + signum
+    except SystemExit as done:  # argparse (--help, a bad flag) and Hydra's own exits
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except (HydraException, OmegaConfBaseException) as err:
+        if verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        _say(f"error: {hydra_error_line(err)}")
+        return USAGE_EXIT_CODE
+    except RaysamError as err:
+        _say(f"error: {err}")
+        return USAGE_EXIT_CODE
+    except OSError as err:  # outside the task: Hydra creating its run directory or saving .hydra/
+        _say(f"error: cannot write Hydra's run files ({err}): point hydra.run.dir (hydra.sweep.dir with -m) "
+             "at a directory this user can create and write")
+        return USAGE_EXIT_CODE
+    except Exception as err:  # noqa: BLE001 - the boundary, before Hydra set up the run's log
+        if verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        log_path = _run_log()
+        if log_path:
+            log.error("the command failed", exc_info=err, extra=FILE_ONLY)
+        _say(_internal_line(err, log_path or _crash_log(err)))
+        return INTERNAL_EXIT_CODE
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
+
+
+def _exit(code: int) -> None:
+    """Leave the process; without running finalisers if a call given up on still hangs in it
+    (pyarrow's object-store finaliser would wait for it)."""
+    if deadline.abandoned():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.argv = hide_secret_overrides(sys.argv)
-    if problem := override_error(sys.argv):
-        print(f"raysam: error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    main()
+    _exit(cli(sys.argv))

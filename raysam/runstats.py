@@ -57,6 +57,21 @@ def reset_peak() -> None:
         pass
 
 
+def ask(ref: Any, timeout_s: float) -> Any:
+    """``ray.get(ref)`` of a call to the run's stats actor, bounded by ``ray.timeout_s``.
+
+    Raises:
+        DataError: no answer in time (the cluster is overloaded, or lost the actor's node).
+    """
+    from raysam.errors import DataError
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise DataError(f"the run's statistics actor did not answer within {timeout_s:g} s (ray.timeout_s): the "
+                        "cluster is overloaded or lost its head node; re-run to resume") from None
+
+
 def process_info(role: str) -> tuple[str, int, str, float, float]:
     """(role, pid, node id, peak RSS MB, peak private RSS MB) of the unit of work that just ran in
     this process (since :func:`reset_peak`), for :meth:`RunStats.process_peak`.

@@ -24,8 +24,11 @@ from rasterio.features import geometry_mask
 
 from raysam.errors import ConfigError
 from raysam.grid import BandRead, DateGroup, item_read
-from raysam.items import canonical_band
+from raysam.items import canonical_band, check_band_names
 from raysam.remote_io import NetworkPolicy, Signer, gdal_env_options, read_asset
+
+
+DN_MAX = 65535  # the largest uint16 DN; 0 is nodata
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,31 @@ class ScalingSpec:
             raise ConfigError(f"mode={self.mode!r}: use reflectance or stretch")
         if len(self.band_names) != 3:
             raise ConfigError(f"band_names={list(self.band_names)}: give exactly 3 bands (R, G, B)")
+        check_band_names("band_names", self.band_names)
         for name in ("band_scaling", "band_offset", "low", "high"):
             values = getattr(self, name)
             if values is not None and len(values) != 3:
                 raise ConfigError(f"{name} needs one value per band (3), got {list(values)}")
+        self._check_makes_an_image()
+
+    def _check_makes_an_image(self) -> None:
+        """Refuse overrides under which no DN can give anything but one flat colour: a scale
+        that is not a positive number, or (reflectance mode) one that maps every valid DN
+        (1..65535, plus the offset) outside 0..1."""
+        if self.band_scaling is None:
+            return
+        for i, scale in enumerate(self.band_scaling):
+            band = self.band_names[i]
+            if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+                raise ConfigError(f"band_scaling={list(self.band_scaling)}: band {band} gets scale {scale!r}, which "
+                                  "turns every pixel into one value: give positive reflectance-per-DN factors "
+                                  "(Sentinel-2 L2A: 0.0001), or null to use the items' own")
+            offset = self.band_offset[i] if self.band_offset is not None else 0.0
+            low, high = (1 + offset) * scale, (DN_MAX + offset) * scale
+            if self.mode == "reflectance" and (high <= 0.0 or low >= 1.0):
+                raise ConfigError(f"band_scaling={list(self.band_scaling)}: band {band} maps every DN to a "
+                                  f"reflectance in [{low:g}, {high:g}], outside 0..1, so the image is flat: "
+                                  "give reflectance-per-DN factors (Sentinel-2 L2A: 0.0001) or use scaling=stretch")
 
     @property
     def band_ids(self) -> tuple[str, ...]:

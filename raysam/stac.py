@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -24,8 +25,9 @@ import shapely
 from pyproj import Transformer
 from shapely.geometry import mapping, shape
 
+from raysam.deadline import bounded
 from raysam.errors import ConfigError, DataError
-from raysam.items import REFLECTANCE_SCALE, BandAsset, ParsedItem, canonical_band
+from raysam.items import KNOWN_BANDS, REFLECTANCE_SCALE, BandAsset, ParsedItem, canonical_band
 
 __all__ = [
     "DateSelection", "HrefSigner", "SignerSpec", "StacConfig", "as_utc", "dedupe_reprocessed", "make_href_signer",
@@ -36,12 +38,14 @@ log = logging.getLogger(__name__)
 
 PC_STAC_URL = "https://planetarycomputer.microsoft.com/api/stac/v1"
 KINDS = ("planetary_computer", "local")
-KNOWN_BANDS = frozenset([f"B{i:02d}" for i in range(1, 13)] + ["B8A", "SCL"])
 RGB_BANDS = ("B04", "B03", "B02")
 # ESA: from processing baseline 04.00 (2022-01-25) L2A DNs carry BOA_ADD_OFFSET = -1000.
 OFFSET_BASELINE = (4, 0)
 OFFSET_START_UTC = datetime(2022, 1, 25, tzinfo=timezone.utc)
 BOA_ADD_OFFSET_DN = -1000.0
+# A Planetary Computer subscription key (Azure API Management) is 32 hex characters; anything
+# under half that is a mistake, and a key that short would also match unrelated text.
+MIN_PC_KEY_CHARS = 16
 RETRY_STATUS = (429, 500, 502, 503, 504)  # transient HTTP answers worth retrying
 BLOB_DOMAIN = ".blob.core.windows.net"  # planetary_computer.sas.BLOB_STORAGE_DOMAIN
 # A date is used when its tiles cover this share of the AOI (FarmVibes' select_necessary_coverage_items
@@ -82,6 +86,15 @@ class StacConfig:
             raise ConfigError(f"stac.kind={self.kind!r} is not one of {', '.join(KINDS)}: pick one")
         if self.kind == "local" and not self.url:
             raise ConfigError("stac.kind=local needs stac.url: set it to the STAC API root, e.g. http://127.0.0.1:7822")
+        if self.url is not None and urlparse(self.url).scheme not in ("http", "https"):
+            raise ConfigError(f"stac.url={self.url!r} is not an http(s) URL: give a STAC API root such as "
+                              f"https://earth-search.aws.element84.com/v1 or http://127.0.0.1:7822")
+        if self.pc_key is not None and (len(self.pc_key) < MIN_PC_KEY_CHARS or not self.pc_key.isprintable()
+                                        or any(c.isspace() for c in self.pc_key)):
+            raise ConfigError(f"the Planetary Computer key (stac.pc_key or PC_SDK_SUBSCRIPTION_KEY) has "
+                              f"{len(self.pc_key)} character(s) or blanks, so it cannot be one: a subscription key is "
+                              "32 hexadecimal characters (your profile at planetarycomputer.microsoft.com); "
+                              "fix it, or unset it to search without a key")
         if self.page_size < 1 or (self.max_items is not None and self.max_items < 1):
             raise ConfigError(f"stac.page_size={self.page_size} and stac.max_items={self.max_items} must be >= 1: fix them")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
@@ -559,16 +572,19 @@ class SignerSpec:
         sign: sign Azure Blob Storage hrefs with Planetary Computer SAS tokens; False: identity.
         retries: retries of a token request (``stac.retries``).
         backoff_s: backoff factor between those retries (``stac.backoff_s``).
+        timeout_s: per try of a token request (``stac.timeout_s``).
     """
 
     sign: bool
     retries: int
     backoff_s: float
+    timeout_s: float = 30.0
 
 
 def signer_spec(cfg: StacConfig) -> SignerSpec:
     """The key-free description of ``cfg``'s href signing, for workers."""
-    return SignerSpec(sign=cfg.kind == "planetary_computer" and cfg.sign, retries=cfg.retries, backoff_s=cfg.backoff_s)
+    return SignerSpec(sign=cfg.kind == "planetary_computer" and cfg.sign, retries=cfg.retries, backoff_s=cfg.backoff_s,
+                      timeout_s=cfg.timeout_s)
 
 
 def pc_token_fetcher(spec: SignerSpec, pc_key: str | None = None) -> TokenFetcher:
@@ -590,8 +606,16 @@ def pc_token_fetcher(spec: SignerSpec, pc_key: str | None = None) -> TokenFetche
             planetary_computer.set_subscription_key(key)
         if fresh:
             sas.TOKEN_CACHE.pop(f"{Settings.get().sas_url}/{account}/{container}", None)
+        def request() -> Any:
+            return sas.get_token(account, container, retry_total=spec.retries, retry_backoff_factor=spec.backoff_s)
+
+        limit_s = (spec.retries + 1) * spec.timeout_s  # get_token's requests have no timeout of their own
         try:
-            token = sas.get_token(account, container, retry_total=spec.retries, retry_backoff_factor=spec.backoff_s)
+            token = bounded(request, limit_s, lambda: DataError(
+                f"the Planetary Computer SAS token service did not answer within {limit_s:g} s for {account}/{container}: "
+                "check the network, or raise stac.timeout_s"))
+        except DataError:
+            raise
         except Exception as err:  # noqa: BLE001 - requests errors never carry the key (it is a header)
             status = getattr(getattr(err, "response", None), "status_code", None)
             raise DataError(f"could not get a Planetary Computer SAS token for {account}/{container}"

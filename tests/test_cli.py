@@ -54,6 +54,7 @@ def test_dry_run_plans_without_reading_or_writing(tmp_path, demo_catalog):
     assert len(groups) == 2 and all("2 item(s)" in ln and "8 chips" in ln and "km²" in ln for ln in groups)
     assert all(ln.endswith(": to do") for ln in groups)  # nothing published or checkpointed yet
     assert "to do: 2 date group(s), 16 chips to segment" in result.stdout
+    assert any(ln.startswith("cost: no rate to estimate from") for ln in lines)  # nothing measured yet
     assert not out.exists()
 
 

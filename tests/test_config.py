@@ -80,14 +80,14 @@ def test_region_is_required():
 
 def test_secret_override_moves_to_environment(monkeypatch):
     monkeypatch.delenv("PC_SDK_SUBSCRIPTION_KEY", raising=False)
-    argv = hide_secret_overrides(["raysam.run", "region=iowa", "stac.pc_key=s3cr3t-key", "sam.points_per_side=8"])
+    argv = hide_secret_overrides(["raysam.run", "region=iowa", "stac.pc_key=s3cr3t-key-0123456789abc", "sam.points_per_side=8"])
     assert argv == ["raysam.run", "region=iowa", "sam.points_per_side=8"]
     cfg = _compose(*argv[1:])
-    assert "s3cr3t-key" not in OmegaConf.to_yaml(cfg)  # what --cfg job prints and .hydra/ saves
+    assert "s3cr3t-key-0123456789abc" not in OmegaConf.to_yaml(cfg)  # what --cfg job prints and .hydra/ saves
     run = to_run_config(cfg)
-    assert run.stac.pc_key == "s3cr3t-key"
-    assert "s3cr3t-key" not in repr(run)
-    plain = redacted({"stac": {"pc_key": "s3cr3t-key", "url": "x?key=s3cr3t-key"}}, ["s3cr3t-key"])
+    assert run.stac.pc_key == "s3cr3t-key-0123456789abc"
+    assert "s3cr3t-key-0123456789abc" not in repr(run)
+    plain = redacted({"stac": {"pc_key": "s3cr3t-key-0123456789abc", "url": "x?key=s3cr3t-key-0123456789abc"}}, ["s3cr3t-key-0123456789abc"])
     assert plain == {"stac": {"pc_key": REDACTED, "url": f"x?key={REDACTED}"}}
 
 
@@ -157,3 +157,34 @@ def test_coverage_prompts_reach_the_generator_parameters():
     with pytest.raises(ConfigError) as err:
         to_run_config(_compose("region=iowa", "sam.prompts=random"))
     assert str(err.value) == "sam.prompts must be one of grid, coverage, got 'random'"
+
+
+def test_the_key_is_redacted_where_it_is_a_value_and_nowhere_else():
+    key = "0123456789abcdef0123456789abcdef"
+    tree = {"region": {"name": "demo"}, "stac": {"pc_key": key, "url": f"https://h/api?subscription-key={key}&x=1"},
+            "headers": {"Ocp-Apim-Subscription-Key": key}, "overrides": [f"stac.pc_key={key}", "region=demo"],
+            "output": {"root": f"/data/{key}-runs"}}
+    assert redacted(tree, [key]) == {
+        "region": {"name": "demo"}, "stac": {"pc_key": REDACTED, "url": f"https://h/api?subscription-key={REDACTED}&x=1"},
+        "headers": {"Ocp-Apim-Subscription-Key": REDACTED}, "overrides": [f"stac.pc_key={REDACTED}", "region=demo"],
+        "output": {"root": f"/data/{key}-runs"},  # text that merely contains the key is not a value of it
+    }
+    # a one-letter "key" used to be cut out of every string ("regi<redacted>n"); by value it matches nothing
+    assert redacted({"region": {"name": "demo"}, "root": "outputs"}, ["o"]) == {"region": {"name": "demo"}, "root": "outputs"}
+
+
+@pytest.mark.parametrize("key", ["o", "abc123", "0123456789 abcdef0123456789abcdef"])
+def test_a_key_that_cannot_be_a_planetary_computer_key_is_refused_naming_the_form(key, monkeypatch):
+    monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", key)
+    with pytest.raises(ConfigError, match="a subscription key is 32 hexadecimal characters") as err:
+        to_run_config(_compose("region=iowa"))
+    assert len(key) < 3 or key not in str(err.value)  # the message names the form, never the value
+
+
+def test_paths_expand_the_home_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = to_run_config(_compose("region=iowa", "output.root='~/runs'", "model.path='~/models/vit_b'",
+                                 "stac=demo", "stac.demo_root='~/demo'"))  # Hydra's grammar wants ~ quoted
+    assert run.output.root == str(tmp_path / "runs") and run.model.path == str(tmp_path / "models" / "vit_b")
+    assert run.demo_catalog == str(tmp_path / "demo" / "catalog")
+    assert to_run_config(_compose("region=iowa", "output.root='s3://bucket/~x'")).output.root == "s3://bucket/~x"

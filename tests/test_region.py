@@ -70,6 +70,24 @@ def test_geojson_with_legacy_crs_is_reprojected(tmp_path):
     assert_lonlat_ring(load_region(spec(str(path))).aoi_wgs84)
 
 
+@pytest.mark.parametrize("crs", [{"type": "EPSG", "properties": {"code": 32616}}, "EPSG:32616"],
+                         ids=["geojson-2008-epsg", "plain-string"])
+def test_geojson_with_older_crs_members_is_reprojected(tmp_path, crs):
+    """GeoJSON 2008's ``{"type": "EPSG"}`` and a bare CRS string are read, not taken for lon/lat."""
+    path = tmp_path / "aoi_utm.geojson"
+    geom = shapely.geometry.mapping(shapely.Polygon(utm_coords(32616)))
+    path.write_text(json.dumps({"type": "FeatureCollection", "crs": crs,
+                                "features": [{"type": "Feature", "properties": {}, "geometry": geom}]}))
+    assert_lonlat_ring(load_region(spec(str(path))).aoi_wgs84)
+
+
+def test_metres_read_as_degrees_are_named_projected_not_antimeridian():
+    wkt = "POLYGON ((600000 4630000, 601000 4630000, 601000 4631000, 600000 4631000, 600000 4630000))"
+    with pytest.raises(ConfigError, match="look like projected coordinates") as err:
+        load_region(spec(wkt))
+    assert "antimeridian" not in str(err.value)
+
+
 def test_geoparquet_in_utm_is_reprojected(tmp_path):
     gpd = pytest.importorskip("geopandas")
     path = tmp_path / "aoi.parquet"

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -259,12 +260,38 @@ class ObjectStorage:
 Storage = LocalStorage | ObjectStorage
 
 
-def open_storage(uri: str) -> tuple[Storage, str]:
-    """The storage and base path of a local path or URI; raises what pyarrow raises for a bad URI."""
+def open_storage(uri: str, timeout_s: float | None = None) -> tuple[Storage, str]:
+    """The storage and base path of a local path or URI; raises what pyarrow raises for a bad URI.
+
+    Args:
+        uri: a local path (``~`` expanded), ``file://``, ``s3://``, ``gs://`` or another URI
+            that ``pyarrow.fs.FileSystem.from_uri`` accepts.
+        timeout_s: bound on each object-store request: S3's connect and request timeouts,
+            GCS's retry time limit (each unless the URI sets its own). None: the clients' defaults.
+    """
     if "://" not in uri or uri.startswith("file://"):
         local = uri[len("file://"):] if uri.startswith("file://") else uri
         return LocalStorage(), str(Path(os.path.expanduser(local)).resolve())
     fs, base = pafs.FileSystem.from_uri(uri)
     if isinstance(fs, pafs.LocalFileSystem):
         return LocalStorage(), str(Path(base).resolve())
-    return ObjectStorage(fs), base.rstrip("/")
+    return ObjectStorage(with_timeouts(fs, timeout_s)), base.rstrip("/")
+
+
+def with_timeouts(fs: pafs.FileSystem, timeout_s: float | None) -> pafs.FileSystem:
+    """``fs`` rebuilt with its options plus request timeouts (S3, GCS); other filesystems as they are.
+
+    Without them a request to an endpoint that accepts connections but never answers waits
+    for as long as the client's retry policy allows (GCS: 15 minutes by default).
+    """
+    if timeout_s is None or not isinstance(fs, pafs.S3FileSystem | pafs.GcsFileSystem):
+        return fs
+    options = dict(fs.__reduce__()[1][0])  # the options the URI gave, as pyarrow pickles them
+    if isinstance(fs, pafs.S3FileSystem):
+        for key in ("connect_timeout", "request_timeout"):
+            if options.get(key, -1) < 0:
+                options[key] = float(timeout_s)
+        return pafs.S3FileSystem(**options)
+    if options.get("retry_time_limit") is None:
+        options["retry_time_limit"] = timedelta(seconds=max(1.0, float(timeout_s)))
+    return pafs.GcsFileSystem(**options)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from raysam.errors import ConfigError
 from raysam.storage.backends import Storage, open_storage, storage_error
@@ -21,19 +23,21 @@ MARKER = "_COMPLETE.json"
 
 @dataclass(frozen=True, eq=False)
 class OutputRoot:
-    """The output root: ``uri`` as configured, its :class:`Storage` and the base path on it."""
+    """The output root: ``uri`` as configured, its :class:`Storage`, the base path on it, and
+    the bound on each object-store request (``output.timeout_s``; None: the clients' own)."""
 
     uri: str
     storage: Storage
     base: str
+    timeout_s: float | None = None
 
     @classmethod
-    def open(cls, uri: str) -> OutputRoot:
+    def open(cls, uri: str, timeout_s: float | None = None) -> OutputRoot:
         """Resolve a local path or URI (``s3://bucket/prefix``); one line when it cannot be."""
-        return _open_cached(uri)
+        return _open_cached(uri, timeout_s)
 
     def __reduce__(self) -> tuple:
-        return (OutputRoot.open, (self.uri,))
+        return (OutputRoot.open, (self.uri, self.timeout_s))
 
     @property
     def is_local(self) -> bool:
@@ -72,23 +76,85 @@ class OutputRoot:
         marker = self.read_marker(group_dir)
         return marker is not None and marker.get("fingerprint") == fingerprint
 
-    def check_writable(self) -> None:
-        """Create the base and write/delete a probe file, so an unwritable root fails before work."""
-        probe = self.path(f".raysam-probe-{uuid.uuid4().hex}")
+    def missing_dirs(self) -> tuple[str, ...]:
+        """The base directory and those of its ancestors that do not exist yet, deepest first
+        (local roots; an object store has no directories). A failed run removes them if empty."""
+        if not self.is_local:
+            return ()
+        missing, path = [], Path(self.base)
+        while not path.exists() and path != path.parent:
+            missing.append(str(path))
+            path = path.parent
+        return tuple(missing)
+
+    def check_reachable(self) -> None:
+        """Fail in one line, within :attr:`timeout_s`, if the root cannot be reached or a local
+        root is not a directory that this process can create and write."""
+        if self.is_local:
+            _check_local_dir(self.uri, Path(self.base))
+            return
         try:
+            self._bounded(lambda: self.storage.exists(self.base), "reached")
+        except ConfigError:
+            raise
+        except Exception as err:  # pyarrow: OSError with the client's long text
+            first = " ".join((str(err).splitlines() or [type(err).__name__])[0].split())[:200]
+            raise ConfigError(f"output.root={self.uri!r} cannot be reached ({first}): check the endpoint, the "
+                              "network and the credentials") from None
+
+    def check_writable(self) -> None:
+        """Create the base and write/delete a probe file, so an unwritable root fails before work.
+
+        Directories the probe had to create are removed again: the run creates what it writes.
+        """
+        probe = self.path(f".raysam-probe-{uuid.uuid4().hex}")
+        created = self.missing_dirs()
+
+        def write_probe() -> None:
             self.storage.makedirs(self.base)
             self.storage.put_bytes(probe, b"ok")
             self.storage.delete_file(probe)
+
+        try:
+            self._bounded(write_probe, "written")
+        except ConfigError:
+            raise
         except Exception as err:
             with contextlib.suppress(Exception):  # a probe created before the write failed
                 self.storage.delete_file(probe)
             raise storage_error(self.base, err) from None
+        finally:
+            for path in created:
+                self.storage.delete_empty_dir(path)
+
+    def _bounded(self, call, what: str):
+        """``call()`` within :attr:`timeout_s` (unbounded when None); one line if it hangs."""
+        if self.timeout_s is None:
+            return call()
+        from raysam.deadline import bounded
+
+        return bounded(call, self.timeout_s, lambda: ConfigError(
+            f"output.root={self.uri!r} could not be {what} within {self.timeout_s:g} s "
+            "(output.timeout_s): check the network, the endpoint and the credentials, or raise output.timeout_s"))
+
+
+def _check_local_dir(uri: str, base: Path) -> None:
+    """A local root must be a directory, or creatable in the nearest existing ancestor."""
+    path = base
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        where = "is a file" if path == base else f"is under {path}, which is a file"
+        raise ConfigError(f"output.root={uri!r} {where}, not a directory: choose a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output root {str(base)!r} is not writable: {path} does not let this user "
+                          "create files; choose another output.root or fix its permissions")
 
 
 @functools.lru_cache(maxsize=8)
-def _open_cached(uri: str) -> OutputRoot:
+def _open_cached(uri: str, timeout_s: float | None) -> OutputRoot:
     try:
-        storage, base = open_storage(uri)
+        storage, base = open_storage(uri, timeout_s)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError with long texts
         raise ConfigError(f"output.root={uri!r} cannot be opened: {str(err).splitlines()[0]}") from None
-    return OutputRoot(uri, storage, base)
+    return OutputRoot(uri, storage, base, timeout_s)

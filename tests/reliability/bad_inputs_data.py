@@ -7,7 +7,9 @@ COGs, the demo model, an AOI file) so that each error is provoked on the real co
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import socket
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,26 +28,56 @@ ONE_DATE = ("2024-06-28", "2024-07-05")
 # ---------------------------------------------------------------- AOI files
 
 
-def write_aoi_files(root: Path) -> dict[str, Path]:
-    """AOI files that are empty, not GeoJSON, without geometry, a point, or without a CRS."""
+# A 1 km box in UTM zone 16N metres (inside the demo region): what a projected AOI looks like.
+UTM_BOX = (600000, 4630000, 601000, 4631000)
+UTM_WKT = "POLYGON ((600000 4630000, 601000 4630000, 601000 4631000, 600000 4631000, 600000 4630000))"
+
+
+def _feature_collection(geometry: dict, crs: object = None) -> str:
+    doc: dict = {"type": "FeatureCollection",
+                 "features": [{"type": "Feature", "properties": {}, "geometry": geometry}]}
+    if crs is not None:
+        doc["crs"] = crs
+    return json.dumps(doc)
+
+
+def _geoparquet(path: Path, wkb: list[bytes], crs: object) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    geo = {"version": "1.1.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": crs}}}
+    table = pa.table({"geometry": pa.array(wkb, pa.binary())})
+    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), path)
+
+
+def write_aoi_files(root: Path) -> dict[str, Path]:
+    """AOI files that are empty, not GeoJSON, without geometry, a point, a line, without a CRS,
+    in metres without saying so, with ``crs`` members raysam cannot read, with unreadable WKB,
+    and a directory where a file is expected."""
     import shapely
 
     root.mkdir(parents=True, exist_ok=True)
-    files = {
-        "empty": root / "empty.geojson", "not_geojson": root / "notes.geojson",
-        "no_features": root / "no_features.geojson", "point": root / "point.geojson",
-        "no_crs": root / "no_crs.parquet",
-    }
+    names = {"empty": "empty.geojson", "not_geojson": "notes.geojson", "no_features": "no_features.geojson",
+             "point": "point.geojson", "line": "line.geojson", "no_crs": "no_crs.parquet",
+             "utm_unsaid": "utm_unsaid.geojson", "crs_link": "crs_link.geojson", "crs_number": "crs_number.geojson",
+             "crs_unknown": "crs_unknown.geojson", "bad_wkb": "bad_wkb.parquet", "a_dir": "aoi.geojson.d"}
+    files = {key: root / name for key, name in names.items()}
+    box = shapely.geometry.mapping(shapely.box(-90.03, 41.82, -89.97, 41.86))
+    utm = shapely.geometry.mapping(shapely.box(*UTM_BOX))
     files["empty"].write_bytes(b"")
     files["not_geojson"].write_text("<html><body>this is not GeoJSON</body></html>\n")
     files["no_features"].write_text(json.dumps({"type": "FeatureCollection", "features": []}))
     files["point"].write_text(json.dumps({"type": "Point", "coordinates": [-90.0, 41.84]}))
-    geo = {"version": "1.1.0", "primary_column": "geometry",
-           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}}}
-    table = pa.table({"geometry": pa.array([shapely.to_wkb(shapely.box(600000, 4630000, 601000, 4631000))])})
-    pq.write_table(table.replace_schema_metadata({b"geo": json.dumps(geo).encode()}), files["no_crs"])
+    files["line"].write_text(_feature_collection({"type": "LineString", "coordinates": [[-90.03, 41.82], [-89.97, 41.86]]}))
+    files["utm_unsaid"].write_text(_feature_collection(utm))  # metres, but no crs member: read as lon/lat
+    files["crs_link"].write_text(_feature_collection(box, {"type": "link", "properties": {"href": "http://x/crs.prj",
+                                                                                           "type": "esriwkt"}}))
+    files["crs_number"].write_text(_feature_collection(box, {"type": "name", "properties": {"name": 4326}}))
+    files["crs_unknown"].write_text(_feature_collection(box, {"type": "name", "properties": {"name": "EPSG:999999"}}))
+    _geoparquet(files["no_crs"], [shapely.to_wkb(shapely.box(*UTM_BOX))], None)
+    _geoparquet(files["bad_wkb"], [b"\x01\x03\x00\x00\x00garbage"], "OGC:CRS84")
+    files["a_dir"].mkdir()
     return files
 
 
@@ -194,6 +226,52 @@ class _GarbageSearch(BaseHTTPRequestHandler):
 
 
 @contextmanager
+def black_hole():
+    """A localhost TCP server that accepts connections and never answers; yields it (``port``,
+    ``connections()``). What an unreachable cloud endpoint, or a hung server, looks like."""
+    server = BlackHole()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+class BlackHole:
+    """See :func:`black_hole`."""
+
+    def __init__(self) -> None:
+        # every interface: Ray resolves 127.0.0.1 to the node's own address before connecting
+        self._listener = socket.create_server(("0.0.0.0", 0), backlog=64)
+        self.port = self._listener.getsockname()[1]
+        self._accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._accepted.append(conn)
+
+    def connections(self) -> int:
+        """How many connections it has accepted so far."""
+        return len(self._accepted)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._accepted:
+            conn.close()
+
+
+def closed_port() -> int:
+    """A localhost port nobody listens on (connections are refused)."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+@contextmanager
 def garbage_stac_api():
     """A local STAC API whose /search returns malformed JSON; yields its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _GarbageSearch)
@@ -204,3 +282,16 @@ def garbage_stac_api():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------- an error raysam does not expect
+
+
+class BoomHandler(logging.Handler):
+    """A logging handler that cannot be built: named in Hydra's job logging
+    (``+hydra.job_logging.handlers.boom.class=...``), it makes the job fail in code outside raysam's
+    checks, which the command line must report as an internal error: one line naming the log
+    file that holds the traceback."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom: a failure no raysam check expects")

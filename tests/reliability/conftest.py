@@ -5,11 +5,16 @@
                       worker node declares 2 CPUs and 1 logical GPU, so every task and the SAM
                       actor (``ray.gpus_per_actor=1``) run on worker nodes that can be lost.
                       ``ray`` is connected to it for the module.
+    s3_server         module: a real S3-compatible server (moto) on a free localhost port, with
+                      credentials in this process's environment; yields ``uri(prefix)``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +29,7 @@ from raysam.run import CONF_DIR
 WORKER_CPUS = 2
 WORKER_GPUS = 1  # logical: onnxruntime stays on the CPU (device=cpu)
 OBJECT_STORE_BYTES = 200 * 1024**2  # per node; a demo run holds a few MB of chips at a time
+BUCKET = "raysam-test"
 
 
 def demo_config(demo_catalog, out_root: Path, *overrides: str) -> RunConfig:
@@ -95,3 +101,35 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
             return value
         time.sleep(poll_s)
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on a free localhost port, with credentials in this process's environment
+    (Ray workers started from here inherit them). Yields ``uri(prefix)``."""
+    from raysam.demo.catalog import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        yield lambda prefix: (f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"
+                              "&allow_bucket_creation=true")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

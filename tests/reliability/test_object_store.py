@@ -9,11 +9,6 @@ corrupt one), a whole demo run whose outputs must equal a local run's, and a re-
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -28,40 +23,6 @@ from raysam.storage.backends import ObjectStorage
 from raysam.storage.locks import claim, lock_path, release
 from raysam.storage.root import MARKER, OutputRoot
 from tests.reliability.conftest import demo_config
-
-BUCKET = "raysam-test"
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server on a free localhost port, with credentials in this process's environment
-    (Ray workers started from here inherit them). Yields ``uri(prefix)``."""
-    from raysam.demo.catalog import free_port
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
-        yield lambda prefix: (f"s3://{BUCKET}/{prefix}?endpoint_override=127.0.0.1:{port}&scheme=http"
-                              "&allow_bucket_creation=true")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _root(uri: str) -> OutputRoot:

@@ -121,3 +121,15 @@ def test_model_file_changed_at_the_same_size_is_refused_before_any_work(tmp_path
     ), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_hydra_files_keep_everything_but_the_key_where_it_is_a_value(tmp_path, demo_catalog):
+    """The saved .hydra/ files are rewritten only where the key is a value (not a substring)."""
+    key = "0123456789abcdef0123456789abcdef"
+    result = _run(tmp_path, demo_catalog, "region=demo", "model=demo", "dry_run=true", f"+hydra.job.env_set.NOTE={key}",
+                  env={"PC_SDK_SUBSCRIPTION_KEY": key})
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = {p.name: p.read_text() for p in (tmp_path / "hydra" / ".hydra").glob("*.yaml")}
+    assert key not in "".join(saved.values())
+    assert "NOTE: <redacted>" in saved["hydra.yaml"] and "hydra.job.env_set.NOTE=<redacted>" in saved["hydra.yaml"]
+    assert "name: demo" in saved["config.yaml"] and "<redacted>" not in saved["config.yaml"]  # nothing to hide there
