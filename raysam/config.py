@@ -21,7 +21,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -121,19 +121,24 @@ class RayConfig:
     ``cpus_per_actor``/``gpus_per_actor``), a chip read (``read_cpus``) and a back-half task
     (``sink_cpus``) must fit in the cluster at once (:mod:`raysam.preflight`); with
     ``autoscale_wait_s`` an autoscaling cluster gets that long to grow to them.
+
+    ``cpus_per_actor`` null (the default, for a laptop or one machine) gives the SAM actors the
+    node's CPUs but what one chip read and one back-half task reserve (:meth:`resolved`): SAM is
+    the bulk of the work, and ONNX Runtime runs on ``ceil(cpus_per_actor)`` threads. Reads and
+    back-half tasks are light by default (``read_cpus``/``sink_cpus`` 0.25) so they run beside it.
     """
 
     address: str | None = None
     sam_actors: int = 1
     sam_actors_max: int | None = None
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    read_cpus: float = 1.0
+    cpus_per_actor: float | None = None  # None: the node's CPUs less a read's and a sink task's
+    read_cpus: float = 0.25
     read_concurrency: int | None = None
     max_task_retries: int = 3
     object_store_gb: float | None = None
     sink_tasks: int | None = None  # back-half tasks (merge cells, tiles) at once; None: as many as CPUs
-    sink_cpus: float = 1.0  # CPUs each back-half task reserves
+    sink_cpus: float = 0.25  # CPUs each back-half task reserves
     timeout_s: float = 15.0  # connecting to ray.address; each call the driver makes to its stats actor
     autoscale_wait_s: float | None = None  # None: the cluster must already fit the run
 
@@ -147,8 +152,10 @@ class RayConfig:
             self.sam_actors_max is None or self.sam_actors_max >= self.sam_actors,
             f"sam_actors_max={self.sam_actors_max} is below sam_actors={self.sam_actors}",
         )
-        for name in ("gpus_per_actor", "cpus_per_actor", "read_cpus", "sink_cpus"):
+        for name in ("gpus_per_actor", "read_cpus", "sink_cpus"):
             _check(getattr(self, name) >= 0, f"{name}={getattr(self, name)}: use a value >= 0")
+        _check(self.cpus_per_actor is None or self.cpus_per_actor > 0,
+               f"cpus_per_actor={self.cpus_per_actor}: use a value > 0, or null for the node's CPUs")
         _check(self.max_task_retries >= 0, f"max_task_retries={self.max_task_retries}: use a value >= 0")
         _check(self.object_store_gb is None or self.object_store_gb >= MIN_OBJECT_STORE_GB,
                f"object_store_gb={self.object_store_gb} is below Ray's minimum object store (75 MiB): "
@@ -156,6 +163,18 @@ class RayConfig:
         _check(self.timeout_s > 0, f"timeout_s={self.timeout_s}: use a number of seconds > 0")
         _check(self.autoscale_wait_s is None or self.autoscale_wait_s >= 0,
                f"autoscale_wait_s={self.autoscale_wait_s}: use seconds >= 0, or null for a cluster that does not grow")
+
+    def resolved(self, node_cpus: float) -> RayConfig:
+        """This config with ``cpus_per_actor`` decided for nodes of ``node_cpus`` CPUs.
+
+        Null becomes the node's CPUs less one read's and one back-half task's, shared by the
+        actors (on 2 CPUs: 1.5, so ONNX Runtime runs on both cores), and never less than half the
+        node's share per actor.
+        """
+        if self.cpus_per_actor is not None:
+            return self
+        share = node_cpus / self.sam_actors
+        return replace(self, cpus_per_actor=max(share - (self.read_cpus + self.sink_cpus) / self.sam_actors, share / 2))
 
 
 @dataclass(frozen=True)

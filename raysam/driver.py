@@ -339,8 +339,10 @@ class RunController:
         from raysam.storage.publish import publisher_for
 
         t0 = time.perf_counter()
-        cfg, root = self.cfg, self.prepared.root
-        init_ray(cfg)
+        root = self.prepared.root
+        init_ray(self.cfg)
+        node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+        self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
         stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
         publisher = publisher_for(root)
         self.queue = queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))

@@ -223,7 +223,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
 
     Args:
         specs: the date groups to do, in order.
-        cfg: the run config.
+        cfg: the run config, its ``ray.cpus_per_actor`` decided (:meth:`raysam.config.RayConfig.resolved`).
         scaling: each group's RGB scaling.
         model_source: where actors load the model from.
         resume: per group, whether its work directory already holds checkpoints to skip.

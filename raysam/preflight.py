@@ -33,7 +33,7 @@ from raysam.grid import DEFAULT_CHIP_SIZE as CHIP_PX
 from raysam.items import canonical_band
 
 if TYPE_CHECKING:
-    from raysam.config import RunConfig
+    from raysam.config import RayConfig, RunConfig
     from raysam.plan import RunPlan
     from raysam.sam.params import AmgParams
 
@@ -188,11 +188,11 @@ def unmet_demand(cfg: RunConfig, capacity: Capacity, model_bytes: int = 0) -> st
         capacity: the nodes.
         model_bytes: the model's file sizes (encoder + decoder), if known.
     """
-    r = cfg.ray
     nodes = capacity.nodes
     where = capacity.describe()
     if not nodes:
         return f"{where} has no alive node: start the cluster's nodes, or use a local instance (ray.address=null)"
+    r = cfg.ray.resolved(max(n.cpus for n in nodes))
     actor = (r.cpus_per_actor, r.gpus_per_actor, 0.0)
     read = (r.read_cpus, 0.0, float(READ_TASK_MEMORY_BYTES))
     sink = (r.sink_cpus, 0.0, 0.0)
@@ -218,7 +218,7 @@ def unmet_demand(cfg: RunConfig, capacity: Capacity, model_bytes: int = 0) -> st
     for placed in range(r.sam_actors):
         spot = next((f for f in free if _fits(f, actor)), None)
         if spot is None:
-            return _too_many(cfg, where, placed)
+            return _too_many(r, where, placed)
         _take(spot, actor)
     for what, need in (("a chip read", read), ("a back-half task", sink)):
         if not any(_fits(f, need) for f in free):
@@ -228,8 +228,7 @@ def unmet_demand(cfg: RunConfig, capacity: Capacity, model_bytes: int = 0) -> st
     return None
 
 
-def _too_many(cfg: RunConfig, where: str, placed: int) -> str:
-    r = cfg.ray
+def _too_many(r: RayConfig, where: str, placed: int) -> str:
     return (f"ray.sam_actors={r.sam_actors} SAM actors of {_bundle((r.cpus_per_actor, r.gpus_per_actor, 0.0))} "
             f"each do not fit on {where} (only {placed} do), so the run would wait for ever: lower "
             "ray.sam_actors or ray.cpus_per_actor/ray.gpus_per_actor")
@@ -331,7 +330,7 @@ def wait_for_capacity(cfg: RunConfig, model_bytes: int = 0) -> None:
     from ray.autoscaler.sdk import request_resources
 
     r = cfg.ray
-    actor = {"CPU": r.cpus_per_actor, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
+    actor = {"CPU": r.cpus_per_actor or 1.0, **({"GPU": r.gpus_per_actor} if r.gpus_per_actor else {})}
     request_resources(bundles=[actor] * r.sam_actors + [{"CPU": max(r.read_cpus, r.sink_cpus)}])
     deadline = time.monotonic() + (r.autoscale_wait_s or 0.0)
     problem = unmet_demand(cfg, connected_capacity(), model_bytes)

@@ -75,7 +75,7 @@ def test_the_stac_key_is_in_no_pickled_task_argument(demo_catalog, tmp_path, mon
     key = f"PLANTED-{uuid.uuid4().hex}"
     monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", key)
     cfg = demo_config(demo_catalog, tmp_path / "out", "sam.points_per_side=4")
-    cfg = replace(cfg, stac=replace(cfg.stac, pc_key=key))
+    cfg = replace(cfg, stac=replace(cfg.stac, pc_key=key), ray=cfg.ray.resolved(2.0))
     assert key.encode() in cloudpickle.dumps(cfg.stac)  # the config does hold it (the driver needs it)
     prepared = prepare(cfg)
     specs = {g.group.id: GroupSpec(g.group, prepared.root, g.fingerprint, g.out_dir, g.out_dir, g.work_dir,

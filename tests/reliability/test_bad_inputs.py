@@ -239,7 +239,8 @@ CASES = [
                                                "&scheme=http'", "output.timeout_s=3"],
          "could not be reached within 3 s (output.timeout_s)"),
     # issue 14, hangs: what the run asks of Ray cannot be had; Ray's address does not answer
-    Case("ray_two_actors_on_two_cpus", _ov("ray.sam_actors=2"), "leave no room beside them for a chip read"),
+    Case("ray_two_actors_on_two_cpus", _ov("ray.sam_actors=2", "ray.cpus_per_actor=1", "ray.read_cpus=1"),
+         "leave no room beside them for a chip read"),
     Case("ray_gpu_without_gpu", _ov("ray.gpus_per_actor=1"), "ray.gpus_per_actor=1, but the local Ray instance"),
     Case("ray_64_cpus_per_actor", _ov("ray.cpus_per_actor=64"), "a SAM actor needs 64 CPU(s)"),
     Case("ray_device_cuda_without_gpu", _ov("device=cuda"), "device=cuda, but the local Ray instance"),
@@ -440,7 +441,8 @@ CLI_CASES = [
     ("model_truncated", lambda w: [f"model.path={w.models['truncated']}"], "decoder.onnx is truncated"),
     ("override_wrong_type", lambda w: ["sam.points_per_side=abc"], "could not be converted to Integer"),
     ("bbox_unquoted", lambda w: ["region.geometry=-90.035,41.815,-89.965,41.865"], "region.geometry=[-90.035,"),
-    ("ray_two_actors", lambda w: ["ray.sam_actors=2"], "so the run would wait for ever"),
+    ("ray_two_actors", lambda w: ["ray.sam_actors=2", "ray.cpus_per_actor=1", "ray.read_cpus=1"],
+     "so the run would wait for ever"),
     # pyarrow's GCS client retries a request to an endpoint that never answers for ever: the
     # bounded check gives up, and the process leaves without waiting for the client's threads
     ("gcs_never_answers", lambda w: [f"output.root='gs://b/out?endpoint_override=127.0.0.1:{w.hole.port}&scheme=http'",
