@@ -17,6 +17,7 @@ processes (``log_to_driver``): their lines go to the run's log, not the console.
 from __future__ import annotations
 
 import logging
+import re
 
 # ``log.error(..., extra=FILE_ONLY)``: the record goes to the run's log file, never to the console
 # (the full traceback of an error whose one line the command line prints itself).
@@ -70,6 +71,7 @@ def route_ray_logs() -> None:
 
 
 WORKER_LOGGER = "ray.workers"  # what worker processes print, forwarded by Ray: the run's log only
+AUTOSCALER_KEEP = re.compile(r"WARN|ERROR|infeasible|cannot", re.IGNORECASE)  # autoscaler lines worth a log line
 
 
 def route_worker_output() -> None:
@@ -87,6 +89,8 @@ def route_worker_output() -> None:
     def to_log(data: dict) -> None:
         who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
         for line in data.get("lines", ()):
+            if data.get("pid") == "autoscaler" and not AUTOSCALER_KEEP.search(line):
+                continue  # its status table, every 5 s: 20 lines that say nothing a run needs
             worker_log.info("%s %s", who, line)
 
     dispatcher.remove_handler("ray_print_logs")
