@@ -335,7 +335,7 @@ class RunController:
         from raysam.pipeline import chip_dataset, model_source_for
         from raysam.runstats import STATS_ACTOR, RunStats
         from raysam.scheduler import TaskQueue
-        from raysam.stac import signer_spec
+        from raysam.signing import signer_spec
         from raysam.storage.publish import publisher_for
 
         t0 = time.perf_counter()

@@ -42,7 +42,8 @@ def demo_selection(stac_server):
     import yaml
 
     from raysam.region import RegionSpec, load_region
-    from raysam.stac import StacConfig, dedupe_reprocessed, search_items, select_per_date
+    from raysam.selection import select_per_date
+    from raysam.stac import StacConfig, dedupe_reprocessed, search_items
 
     url, info = stac_server
     cfg = yaml.safe_load((Path(__file__).parent.parent / "conf/region/demo.yaml").read_text())["region"]
