@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from raysam.demo.catalog import CatalogInfo, free_port, make_demo_catalog, serve_catalog
+from raysam.demo.catalog import CatalogInfo, make_demo_catalog
+from raysam.demo.serve import free_port, serve_catalog
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 import rasterio
 import shapely
 
-from raysam.demo.catalog import free_port, rebase_catalog, serve_catalog
+from raysam.demo.serve import free_port, rebase_catalog, serve_catalog
 from raysam.errors import DataError
 from raysam.grid import make_date_group, plan_chip_tasks
 from raysam.read import read_chip
