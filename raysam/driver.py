@@ -82,7 +82,8 @@ def stac_endpoint(cfg: RunConfig) -> Iterator[Any]:
     if cfg.demo_catalog is None:
         yield cfg.stac
         return
-    from raysam.demo.catalog import free_port, make_demo_catalog, serve_catalog
+    from raysam.demo.catalog import make_demo_catalog
+    from raysam.demo.serve import free_port, serve_catalog
 
     root = Path(cfg.demo_catalog)
     make_demo_catalog(root)
@@ -335,7 +336,7 @@ class RunController:
         from raysam.pipeline import chip_dataset, model_source_for
         from raysam.runstats import STATS_ACTOR, RunStats
         from raysam.scheduler import TaskQueue
-        from raysam.stac import signer_spec
+        from raysam.signing import signer_spec
         from raysam.storage.publish import publisher_for
 
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ from raysam.layout import (ITEM, LABELS_STYLE, LABELS_TIF, LABELS_VRT, MANIFEST,
                            polygon_part, s2_tif, s2_tile, s2_vrt)
 from raysam.plan import GroupPlan
 from raysam.scheduler import TaskQueue
+from raysam.signing import signer_spec
 from raysam.sinks.labels import LABEL_DESCRIPTION, LABEL_NODATA
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
 from raysam.sinks.quicklook import QuicklookFrame
@@ -42,7 +43,6 @@ from raysam.sinks.stac_output import (LABEL_BAND, Band, PolygonOutput, Published
                                       collection_info, group_item_json, processing_from_manifest, published_group,
                                       update_collection)
 from raysam.sinks.style import label_style_qml, s2_band_description
-from raysam.stac import signer_spec
 from raysam.storage.publish import LocalPublisher, ObjectStorePublisher
 
 log = logging.getLogger(__name__)

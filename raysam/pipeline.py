@@ -129,7 +129,7 @@ def plan_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], res
 @functools.lru_cache(maxsize=4)
 def _signer(stac_cfg: Any) -> Any:
     """One href signer per worker process, so signed tokens are reused across chips."""
-    from raysam.stac import make_href_signer
+    from raysam.signing import make_href_signer
 
     return make_href_signer(stac_cfg)
 
@@ -252,7 +252,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
     ctx.enable_progress_bars = False  # the driver shows progress per date group
 
     from raysam.grid import chip_rows
-    from raysam.stac import signer_spec
+    from raysam.signing import signer_spec
 
     overlap = cfg.chip.spatial_overlap
     rows = [{"date_group_id": gid, "chip_row": r} for gid, s in specs.items()

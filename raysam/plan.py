@@ -121,7 +121,7 @@ def plan_run(cfg: RunConfig, region: Region, items: list, model_manifest: dict, 
         model_manifest: the model's manifest (its file hashes enter the fingerprints).
         root: the output root, to see which date groups are complete or checkpointed.
     """
-    from raysam.stac import select_per_date
+    from raysam.selection import select_per_date
 
     key = collection_key(cfg, region, model_manifest)
     run_key = check_path_component(f"{cfg.model.type}-{key[:10]}", "run key")

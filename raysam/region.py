@@ -24,7 +24,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from raysam.errors import ConfigError, DataError
-from raysam.stac import DEFAULT_MIN_TILE_COVER
+from raysam.selection import DEFAULT_MIN_TILE_COVER
 
 PKG_SCHEME = "pkg://"
 WGS84 = "EPSG:4326"

@@ -1,38 +1,31 @@
-"""STAC search, item parsing, dedupe, per-date selection and late href signing.
+"""STAC search and item parsing: the catalog side of a run, up to a list of ParsedItems.
 
-The driver calls :func:`search_items` (pystac-client, all pages, retries), then
-:func:`dedupe_reprocessed` and :func:`select_per_date`; readers call the signer from
-:func:`make_href_signer` right before opening an asset. Items keep unsigned hrefs. Ray tasks get
-the key-free :class:`SignerSpec` (:func:`signer_spec`); their signer reads the key from the
-worker's environment, so the key is never in a task argument that Ray could spill to disk.
+Owns :class:`StacConfig` (where and how to search, checked on construction), :func:`search_items`
+(pystac-client, all pages, retries, failures as one-line DataErrors), :func:`parse_item` (one
+STAC item dict, Planetary Computer or earth-search layout, into a :class:`ParsedItem` with its
+bands' radiometry) and :func:`dedupe_reprocessed` (one item per tile and datetime, newest
+processing baseline). Items keep unsigned hrefs: signing is :mod:`raysam.signing`'s job, and
+choosing the items of each date :mod:`raysam.selection`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
-from typing import Any
+from datetime import date, datetime, time, timezone
 from urllib.parse import urlparse
 
-import numpy as np
 import shapely
-from pyproj import Transformer
 from shapely.geometry import mapping, shape
 
-from raysam.deadline import bounded
 from raysam.errors import ConfigError, DataError
 from raysam.items import KNOWN_BANDS, REFLECTANCE_SCALE, BandAsset, ParsedItem, canonical_band
 
-__all__ = [
-    "DateSelection", "HrefSigner", "SignerSpec", "StacConfig", "as_utc", "dedupe_reprocessed", "make_href_signer",
-    "open_client", "parse_item", "search_items", "select_per_date", "signer_spec",
-]
+__all__ = ["StacConfig", "as_utc", "dedupe_reprocessed", "open_client", "parse_item", "search_items"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +40,6 @@ BOA_ADD_OFFSET_DN = -1000.0
 # under half that is a mistake, and a key that short would also match unrelated text.
 MIN_PC_KEY_CHARS = 16
 RETRY_STATUS = (429, 500, 502, 503, 504)  # transient HTTP answers worth retrying
-BLOB_DOMAIN = ".blob.core.windows.net"  # planetary_computer.sas.BLOB_STORAGE_DOMAIN
-# A date is used when its tiles cover this share of the AOI (FarmVibes' select_necessary_coverage_items
-# asks 0.99; 0.95 leaves room for footprints simplified at the AOI's edge).
-DEFAULT_MIN_TILE_COVER = 0.95
 
 
 @dataclass(frozen=True)
@@ -112,25 +101,6 @@ class StacConfig:
                 f"retries={self.retries}, backoff_s={self.backoff_s})")
 
     __str__ = __repr__
-
-
-@dataclass(frozen=True)
-class DateSelection:
-    """The items chosen for one acquisition date (optionally one relative orbit).
-
-    Attributes:
-        date: UTC acquisition date.
-        items: the smallest greedy set of items covering the AOI, largest new cover first.
-        aoi_cover: fraction of the AOI area they cover (0..1).
-        relative_orbits: distinct ``sat:relative_orbit`` values of the items.
-        cloud_cover: AOI-area-weighted ``eo:cloud_cover`` of the items (percent), if known.
-    """
-
-    date: date
-    items: tuple[ParsedItem, ...]
-    aoi_cover: float
-    relative_orbits: tuple[int, ...] = ()
-    cloud_cover: float | None = None
 
 
 # ---------------------------------------------------------------- time range
@@ -428,264 +398,3 @@ def dedupe_reprocessed(items: Iterable[ParsedItem]) -> list[ParsedItem]:
             log.info("dropping reprocessed duplicate %s (baseline %s): keeping %s (baseline %s)",
                      dropped.id, dropped.processing_baseline, group[-1].id, group[-1].processing_baseline)
     return sorted(kept, key=lambda i: (i.datetime_utc, i.tile_id))
-
-
-# ---------------------------------------------------------------- per-date selection
-
-
-def utm_epsg_for(geom_wgs84: shapely.Geometry) -> int:
-    """The WGS 84 / UTM EPSG code of the zone holding the geometry's centroid."""
-    point = geom_wgs84.centroid
-    zone = min(int((point.x + 180.0) // 6.0) + 1, 60)
-    return (32600 if point.y >= 0 else 32700) + zone
-
-
-def _to_metric(geom_wgs84: shapely.Geometry, transformer: Transformer) -> shapely.Geometry:
-    """Reproject lon/lat to metres, densifying edges (0.01 deg) so long edges stay faithful."""
-
-    def project(xy: np.ndarray) -> np.ndarray:
-        return np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
-
-    return shapely.transform(shapely.segmentize(geom_wgs84, 0.01), project)
-
-
-def greedy_cover(aoi_m: shapely.Geometry, footprints_m: dict[str, shapely.Geometry]) -> tuple[list[str], float]:
-    """Smallest greedy set of footprints covering the AOI, largest new coverage first.
-
-    Returns:
-        (ids in pick order, covered fraction of the AOI area).
-    """
-    remaining, picked = aoi_m, []
-    min_gain_m2 = 1e-6 * aoi_m.area
-    while not remaining.is_empty and len(picked) < len(footprints_m):
-        gains = {k: remaining.intersection(f).area for k, f in footprints_m.items() if k not in picked}
-        best = max(gains, key=lambda k: (gains[k], k))
-        if gains[best] <= min_gain_m2:
-            break
-        picked.append(best)
-        remaining = remaining.difference(footprints_m[best])
-    return picked, 1.0 - remaining.area / aoi_m.area
-
-
-def _weighted_cloud(items: list[ParsedItem], aoi_m: shapely.Geometry, footprints_m: dict[str, shapely.Geometry]) -> float | None:
-    """AOI-area-weighted eo:cloud_cover of the items (None if any lacks it)."""
-    if not items or any(i.cloud_cover is None for i in items):
-        return None
-    weights = [aoi_m.intersection(footprints_m[i.id]).area for i in items]
-    return sum(w * i.cloud_cover for w, i in zip(weights, items)) / max(sum(weights), 1e-9)
-
-
-def _group_key(item: ParsedItem, by_orbit: bool) -> tuple[date, int | None]:
-    return item.datetime_utc.date(), (item.relative_orbit if by_orbit else None)
-
-
-def _select_group(key: tuple[date, int | None], items: list[ParsedItem], aoi_m: shapely.Geometry, to_m: Transformer,
-                  min_tile_cover: float, max_tiles_per_date: int | None, max_cloud_cover: float | None) -> DateSelection | None:
-    """Cover the AOI with one date's items, or log one INFO line saying why the date is skipped."""
-    footprints_m = {i.id: _to_metric(shapely.from_wkb(i.footprint_wkb), to_m) for i in items}
-    picked_ids, cover = greedy_cover(aoi_m, footprints_m)
-    by_id = {i.id: i for i in items}
-    picked = [by_id[k] for k in picked_ids]
-    cloud = _weighted_cloud(picked, aoi_m, footprints_m)
-    label = f"date {key[0].isoformat()}" + (f" orbit {key[1]}" if key[1] is not None else "")
-    reason = None
-    if cover < min_tile_cover:
-        reason = f"its tiles cover {cover:.1%} of the region, below min_tile_cover {min_tile_cover:.1%}"
-    elif max_tiles_per_date is not None and len(picked) > max_tiles_per_date:
-        reason = f"covering the region needs {len(picked)} tiles, more than max_tiles_per_date {max_tiles_per_date}"
-    elif max_cloud_cover is not None and cloud is not None and cloud > max_cloud_cover:
-        reason = f"its cloud cover {cloud:.1f}% exceeds max_cloud_cover {max_cloud_cover}%"
-    if reason:
-        log.info("skipping %s: %s", label, reason)
-        return None
-    orbits = tuple(sorted({i.relative_orbit for i in picked if i.relative_orbit is not None}))
-    return DateSelection(key[0], tuple(picked), cover, orbits, cloud)
-
-
-def select_per_date(items: Iterable[ParsedItem], aoi_wgs84: shapely.Geometry, min_tile_cover: float = DEFAULT_MIN_TILE_COVER,
-                    max_tiles_per_date: int | None = None, max_cloud_cover: float | None = None,
-                    split_by_orbit: bool = False) -> list[DateSelection]:
-    """Per UTC acquisition date, the fewest items covering the AOI (FarmVibes' coverage selection).
-
-    Coverage is measured in the AOI's UTM zone (metres), never in degrees. A date is skipped,
-    with one INFO log line saying why, when its items cover less than ``min_tile_cover`` of
-    the AOI area, need more than ``max_tiles_per_date`` items, or their AOI-weighted
-    ``eo:cloud_cover`` exceeds ``max_cloud_cover``.
-
-    Args:
-        items: parsed (and deduplicated) items.
-        aoi_wgs84: the region in EPSG:4326.
-        min_tile_cover: minimum covered fraction of the AOI area, in (0, 1].
-        max_tiles_per_date: maximum items per date, or None.
-        max_cloud_cover: maximum cloud cover in percent, or None.
-        split_by_orbit: one group per (date, relative orbit) instead of per date.
-
-    Returns:
-        One selection per kept date (or date and orbit), in time order.
-
-    Raises:
-        ConfigError: parameters out of range.
-        DataError: no date is kept.
-    """
-    if not 0.0 < min_tile_cover <= 1.0:
-        raise ConfigError(f"min_tile_cover={min_tile_cover} must be in (0, 1]: e.g. 0.95")
-    if max_tiles_per_date is not None and max_tiles_per_date < 1:
-        raise ConfigError(f"max_tiles_per_date={max_tiles_per_date} must be >= 1 or null")
-    to_m = Transformer.from_crs(4326, utm_epsg_for(aoi_wgs84), always_xy=True)
-    aoi_m = _to_metric(aoi_wgs84, to_m)
-    groups: dict[tuple[date, int | None], list[ParsedItem]] = defaultdict(list)
-    for item in items:
-        if shapely.from_wkb(item.footprint_wkb).intersects(aoi_wgs84):
-            groups[_group_key(item, split_by_orbit)].append(item)
-    selections = [_select_group(k, groups[k], aoi_m, to_m, min_tile_cover, max_tiles_per_date, max_cloud_cover)
-                  for k in sorted(groups, key=lambda k: (k[0], k[1] or 0))]
-    kept = [s for s in selections if s is not None]
-    if not kept:
-        raise DataError(f"none of the {len(groups)} acquisition dates covers the region well enough (see the INFO lines): "
-                        "widen the time range, lower min_tile_cover or raise max_tiles_per_date/max_cloud_cover")
-    return kept
-
-
-# ---------------------------------------------------------------- signing
-
-TokenFetcher = Callable[[str, str, bool], tuple[str, datetime]]
-
-
-def _blob_container(href: str) -> tuple[str, str] | None:
-    """(account, container) of an Azure Blob Storage URL, else None."""
-    parsed = urlparse(href)
-    if not parsed.netloc.endswith(BLOB_DOMAIN) or parsed.query:
-        return None
-    parts = parsed.path.lstrip("/").split("/", 1)
-    return (parsed.netloc[: -len(BLOB_DOMAIN)], parts[0]) if parts[0] else None
-
-
-@dataclass(frozen=True)
-class SignerSpec:
-    """What signs asset hrefs, without the key: picklable, so it can travel in Ray task arguments.
-
-    A signer built from it (:func:`make_href_signer`) reads the key from its own process's
-    ``PC_SDK_SUBSCRIPTION_KEY`` (Ray workers inherit the job's environment; on a cluster, keep
-    the key in the cluster's environment).
-
-    Attributes:
-        sign: sign Azure Blob Storage hrefs with Planetary Computer SAS tokens; False: identity.
-        retries: retries of a token request (``stac.retries``).
-        backoff_s: backoff factor between those retries (``stac.backoff_s``).
-        timeout_s: per try of a token request (``stac.timeout_s``).
-    """
-
-    sign: bool
-    retries: int
-    backoff_s: float
-    timeout_s: float = 30.0
-
-
-def signer_spec(cfg: StacConfig) -> SignerSpec:
-    """The key-free description of ``cfg``'s href signing, for workers."""
-    return SignerSpec(sign=cfg.kind == "planetary_computer" and cfg.sign, retries=cfg.retries, backoff_s=cfg.backoff_s,
-                      timeout_s=cfg.timeout_s)
-
-
-def pc_token_fetcher(spec: SignerSpec, pc_key: str | None = None) -> TokenFetcher:
-    """A fetcher of SAS tokens through ``planetary_computer.sas.get_token`` (its own cache too).
-
-    Args:
-        spec: the token requests' retries and backoff.
-        pc_key: the subscription key; None: this process's ``PC_SDK_SUBSCRIPTION_KEY``, read
-            when a token is fetched (none: anonymous requests).
-    """
-
-    def fetch(account: str, container: str, fresh: bool) -> tuple[str, datetime]:
-        import planetary_computer
-        from planetary_computer import sas
-        from planetary_computer.settings import Settings
-
-        key = pc_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
-        if key:
-            planetary_computer.set_subscription_key(key)
-        if fresh:
-            sas.TOKEN_CACHE.pop(f"{Settings.get().sas_url}/{account}/{container}", None)
-        def request() -> Any:
-            return sas.get_token(account, container, retry_total=spec.retries, retry_backoff_factor=spec.backoff_s)
-
-        limit_s = (spec.retries + 1) * spec.timeout_s  # get_token's requests have no timeout of their own
-        try:
-            token = bounded(request, limit_s, lambda: DataError(
-                f"the Planetary Computer SAS token service did not answer within {limit_s:g} s for {account}/{container}: "
-                "check the network, or raise stac.timeout_s"))
-        except DataError:
-            raise
-        except Exception as err:  # noqa: BLE001 - requests errors never carry the key (it is a header)
-            status = getattr(getattr(err, "response", None), "status_code", None)
-            raise DataError(f"could not get a Planetary Computer SAS token for {account}/{container}"
-                            f"{f' (HTTP {status})' if status else ''}: {type(err).__name__}: check the network "
-                            "and PC_SDK_SUBSCRIPTION_KEY / stac.pc_key") from None
-        return token.token, token.expiry
-
-    return fetch
-
-
-class HrefSigner:
-    """Signs asset hrefs right before reading, caching one SAS token per container until near expiry.
-
-    Call it with an unsigned href; call :meth:`resign` after an HTTP 403 to force a fresh token.
-    Hrefs that ``container_of`` does not place in a container pass through unchanged (by
-    default: everything but Azure Blob Storage URLs, e.g. local paths and other hosts).
-
-    Args:
-        fetch: token fetcher ``(account, container, fresh) -> (token, expiry)``; None: no signing.
-        refresh_margin_s: fetch a new token when the cached one expires within this margin.
-        container_of: ``href -> (account, container)`` or None for hrefs that need no token.
-    """
-
-    def __init__(self, fetch: TokenFetcher | None, refresh_margin_s: float = 300.0,
-                 container_of: Callable[[str], tuple[str, str] | None] | None = None):
-        self._fetch = fetch
-        self._container_of = container_of or _blob_container
-        self._margin = timedelta(seconds=refresh_margin_s)
-        self._tokens: dict[tuple[str, str], tuple[str, datetime]] = {}
-
-    def __repr__(self) -> str:
-        return f"HrefSigner(signing={self._fetch is not None}, cached_tokens={len(self._tokens)})"
-
-    def _token(self, container: tuple[str, str], fresh: bool) -> str:
-        cached = self._tokens.get(container)
-        expiring = cached is not None and cached[1] - datetime.now(timezone.utc) < self._margin
-        if fresh or expiring or cached is None:
-            # An expiring token must bypass planetary_computer's own cache (it keeps tokens to 60 s).
-            cached = self._fetch(*container, fresh or expiring)
-            self._tokens[container] = cached
-        return cached[0]
-
-    def _sign(self, href: str, fresh: bool) -> str:
-        container = self._container_of(href) if self._fetch else None
-        return href if container is None else f"{href}?{self._token(container, fresh)}"
-
-    def __call__(self, href: str) -> str:
-        """The signed href (a cached token if it is valid for more than the margin)."""
-        return self._sign(href, fresh=False)
-
-    def resign(self, href: str) -> str:
-        """The href signed with a freshly fetched token (after a 403)."""
-        return self._sign(href, fresh=True)
-
-
-def make_href_signer(cfg: StacConfig | SignerSpec, fetch: TokenFetcher | None = None,
-                     container_of: Callable[[str], tuple[str, str] | None] | None = None) -> HrefSigner:
-    """The href signer for a config: identity for ``local`` or ``sign=False``, else Planetary Computer SAS.
-
-    Args:
-        cfg: the STAC config (its ``pc_key``, else ``PC_SDK_SUBSCRIPTION_KEY``, is used, never
-            shown), or on a worker its key-free :class:`SignerSpec` (the key then comes from
-            the worker's ``PC_SDK_SUBSCRIPTION_KEY``).
-        fetch: token fetcher ``(account, container, fresh) -> (token, expiry)``; defaults to
-            ``planetary_computer``'s.
-        container_of: which hrefs need a token, and for which (account, container); defaults
-            to Azure Blob Storage URLs.
-    """
-    spec = cfg if isinstance(cfg, SignerSpec) else signer_spec(cfg)
-    if not spec.sign:
-        return HrefSigner(None)
-    pc_key = cfg.pc_key if isinstance(cfg, StacConfig) else None
-    return HrefSigner(fetch or pc_token_fetcher(spec, pc_key), container_of=container_of)

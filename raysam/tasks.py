@@ -28,9 +28,9 @@ def _measured(role: str, fn: Any, *args: Any) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def worker_signer(spec: Any) -> Any:
-    """One href signer per worker process (from a key-free :class:`raysam.stac.SignerSpec`), so
+    """One href signer per worker process (from a key-free :class:`raysam.signing.SignerSpec`), so
     signed tokens are reused across reads."""
-    from raysam.stac import make_href_signer
+    from raysam.signing import make_href_signer
 
     return make_href_signer(spec)
 
@@ -71,7 +71,7 @@ def write_cell(spec: Any, cell: tuple[int, int], first_ids: dict, resolved_kept:
 @ray.remote(**_REMOTE)
 def write_s2_tile(spec: Any, tile: tuple[int, int], bands: tuple[str, ...], frame: Any, signer: Any,
                   network: Any) -> Any:
-    """:func:`raysam.sinks.s2.write_s2_tile` (``signer``: a key-free :class:`raysam.stac.SignerSpec`)."""
+    """:func:`raysam.sinks.s2.write_s2_tile` (``signer``: a key-free :class:`raysam.signing.SignerSpec`)."""
     from raysam.sinks.s2 import write_s2_tile as write
 
     return _measured("sink", write, spec, tile, bands, frame, worker_signer(signer), network)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raysam import read, remote_io  # noqa: E402
 from raysam.demo.catalog import DEMO_AOI_WGS84, DEMO_ROOT, make_demo_catalog  # noqa: E402
 from raysam.grid import ChipTask, make_date_group, plan_chip_tasks  # noqa: E402
-from raysam.stac import dedupe_reprocessed, parse_item, select_per_date  # noqa: E402
+from raysam.selection import select_per_date  # noqa: E402
+from raysam.stac import dedupe_reprocessed, parse_item  # noqa: E402
 
 CONFIGS = {  # name: (fast_path, open datasets kept per thread)
     "warp, reopen per read (before)": (False, 0),

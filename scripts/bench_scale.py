@@ -43,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raysam.checkpoint import CHIPS_DIR, WORK_DIR  # noqa: E402
-from raysam.demo.catalog import (TILES, CatalogInfo, free_port, make_demo_catalog, serve_catalog,  # noqa: E402
-                                 tile_inner_bbox_wgs84)
+from raysam.demo.catalog import TILES, CatalogInfo, make_demo_catalog  # noqa: E402
+from raysam.demo.scene import tile_inner_bbox_wgs84  # noqa: E402
+from raysam.demo.serve import free_port, serve_catalog  # noqa: E402
 from raysam.storage.root import MARKER  # noqa: E402
 
 # Goals of issue 10 ("Benchmarks").

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from raysam.demo.catalog import DEMO_ROOT, make_demo_catalog, serve_catalog
+from raysam.demo.catalog import DEMO_ROOT, make_demo_catalog
+from raysam.demo.serve import serve_catalog
 from raysam.errors import run_cli
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from raysam.demo.catalog import CatalogInfo, free_port, make_demo_catalog, serve_catalog
+from raysam.demo.catalog import CatalogInfo, make_demo_catalog
+from raysam.demo.serve import free_port, serve_catalog
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,8 @@ def demo_selection(stac_server):
     import yaml
 
     from raysam.region import RegionSpec, load_region
-    from raysam.stac import StacConfig, dedupe_reprocessed, search_items, select_per_date
+    from raysam.selection import select_per_date
+    from raysam.stac import StacConfig, dedupe_reprocessed, search_items
 
     url, info = stac_server
     cfg = yaml.safe_load((Path(__file__).parent.parent / "conf/region/demo.yaml").read_text())["region"]

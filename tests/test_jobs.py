@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysam.demo.catalog import free_port
+from raysam.demo.serve import free_port
 from raysam.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

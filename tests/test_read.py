@@ -395,7 +395,7 @@ def test_demo_selection_finds_both_tiles_per_date(demo_selection):
 
 
 def test_boundary_field_lands_in_both_zone_grids(demo_selection):
-    from raysam.demo import catalog
+    from raysam.demo import scene
     from raysam.grid import make_date_group
 
     region, info, selections = demo_selection
@@ -404,7 +404,7 @@ def test_boundary_field_lands_in_both_zone_grids(demo_selection):
     aoi = region.aoi_wgs84
     candidates = [fid for fid in info.boundary_field_ids
                   if aoi.buffer(-0.002).contains(fields[fid])]
-    grass = np.rint(np.array(catalog.GRASS_REFLECTANCE[:3][::-1]) / 0.2 * 255)
+    grass = np.rint(np.array(scene.GRASS_REFLECTANCE[:3][::-1]) / 0.2 * 255)
     medians = {}
     for epsg in (32615, 32616):
         group = make_date_group("demo", sel.date, sel.items, aoi, epsg=epsg)
@@ -431,7 +431,7 @@ def test_boundary_field_lands_in_both_zone_grids(demo_selection):
 
 
 def test_offset_is_applied_exactly_once(demo_selection):
-    from raysam.demo import catalog
+    from raysam.demo import scene
     from raysam.grid import make_date_group
 
     region, info, selections = demo_selection
@@ -457,20 +457,20 @@ def test_offset_is_applied_exactly_once(demo_selection):
             dn = src.read(1, window=win)
             m = geometry_mask([geom], dn.shape, src.window_transform(win), invert=True)
             raw.append(np.median(dn[m]))
-    truth = (np.array(raw) - catalog.BOA_ADD_OFFSET_DN) * 1e-4
+    truth = (np.array(raw) - scene.BOA_ADD_OFFSET_DN) * 1e-4
     np.testing.assert_allclose(refl, truth, atol=0.0012)  # 1.5 uint8 levels of this stretch
     # Truth 2: inside the generator's envelope for some land cover (per-field jitter x drift).
-    covers = np.array(list(catalog.COVER_REFLECTANCE.values()))[:, [2, 1, 0]]
+    covers = np.array(list(scene.COVER_REFLECTANCE.values()))[:, [2, 1, 0]]
     ok = (refl >= covers * 0.85 * 0.95 - 0.002) & (refl <= covers * 1.15 * 1.05 + 0.002)
     assert ok.all(axis=1).any(), f"field reflectance {refl} fits no land cover"
 
 
 def test_clouds_masked_on_the_cloudy_date_only(demo_selection):
-    from raysam.demo import catalog
+    from raysam.demo import scene
     from raysam.grid import make_date_group
 
     region, info, selections = demo_selection
-    centre = shapely.Point(catalog.CLOUD_CENTER_WGS84)
+    centre = shapely.Point(scene.CLOUD_CENTER_WGS84)
     for day in info.dates:
         sel = selections[day]
         group = make_date_group("demo", sel.date, sel.items, region.aoi_wgs84)
@@ -478,7 +478,7 @@ def test_clouds_masked_on_the_cloudy_date_only(demo_selection):
         task = _task_containing(group, centre_utm.buffer(1000))
         out = read_chip(task, max_cloud_fraction=1.0)
         near = _pixel_mask(centre_utm.buffer(1000), task) & out.valid
-        far = ~_pixel_mask(centre_utm.buffer(1.4 * catalog.CLOUD_RADIUS_M + 40), task) & out.valid
+        far = ~_pixel_mask(centre_utm.buffer(1.4 * scene.CLOUD_RADIUS_M + 40), task) & out.valid
         if day == info.cloudy_date:
             assert out.cloud[near].all() and not out.cloud[far].any()
             assert out.stats["cloud_fraction"] > 0.05

@@ -24,7 +24,7 @@ from raysam.model_source import ModelSource
 from raysam.pipeline import SamStage, chip_dataset, sam_threads
 from raysam.plan import chip_bands
 from raysam.runstats import STATS_ACTOR, RunStats
-from raysam.stac import signer_spec
+from raysam.signing import signer_spec
 from tests.reliability.conftest import demo_config
 
 

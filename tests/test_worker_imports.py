@@ -15,7 +15,8 @@ import shapely
 from raysam.grid import make_date_group, plan_chip_tasks
 from raysam.pipeline import read_stage
 from raysam.plan import SCL_BAND
-from raysam.stac import parse_item, select_per_date
+from raysam.selection import select_per_date
+from raysam.stac import parse_item
 
 pytestmark = pytest.mark.slow
 CONFIG_PACKAGES = ("hydra", "omegaconf")

@@ -107,7 +107,7 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
 def s3_server():
     """A moto S3 server on a free localhost port, with credentials in this process's environment
     (Ray workers started from here inherit them). Yields ``uri(prefix)``."""
-    from raysam.demo.catalog import free_port
+    from raysam.demo.serve import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

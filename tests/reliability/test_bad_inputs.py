@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from raysam.console import route_ray_logs
-from raysam.demo.catalog import free_port, serve_catalog
+from raysam.demo.serve import free_port, serve_catalog
 from raysam.run import cli
 from raysam.command_line import command_line_error
 from tests.reliability import bad_inputs_data as bad

@@ -22,12 +22,13 @@ import pytest
 import rasterio
 import shapely
 
-from raysam.demo.catalog import free_port, rebase_catalog, serve_catalog
+from raysam.demo.serve import free_port, rebase_catalog, serve_catalog
 from raysam.errors import DataError
 from raysam.grid import make_date_group, plan_chip_tasks
 from raysam.read import read_chip
 from raysam.remote_io import NetworkPolicy, clear_dataset_cache
-from raysam.stac import StacConfig, make_href_signer, search_items
+from raysam.signing import make_href_signer
+from raysam.stac import StacConfig, search_items
 from tests.reliability.flaky import Faults, FlakyFileServer, FlakyProxy
 
 REPO = Path(__file__).resolve().parents[2]

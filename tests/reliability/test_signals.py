@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from raysam.demo.catalog import free_port, serve_catalog
+from raysam.demo.serve import free_port, serve_catalog
 from tests.helpers import child_env, demo_run_command, kill_group, short_tmp_dir
 from tests.reliability import bad_inputs_data as bad
 from tests.reliability.conftest import wait_for

@@ -15,7 +15,7 @@ from affine import Affine
 from rasterio.features import geometry_mask
 from rasterio.windows import Window
 
-from raysam.demo import catalog
+from raysam.demo import scene
 from raysam.grid import make_date_group, plan_chip_tasks
 from raysam.layout import GroupSpec
 from raysam.read import ChipPixels, read_band_dn, read_chip
@@ -26,8 +26,8 @@ from raysam.storage.root import OutputRoot
 
 BANDS = ("R", "G", "B", "SCL")
 STRETCH_0_02 = ScalingSpec(mode="stretch", low=(0.0,) * 3, high=(0.2,) * 3)  # 0.00078 per level
-SCL_CLASSES = {0, catalog.SCL_VEGETATION, catalog.SCL_NOT_VEGETATED, catalog.SCL_WATER,
-               catalog.SCL_CLOUD_MEDIUM, catalog.SCL_CLOUD_HIGH, catalog.SCL_CIRRUS}
+SCL_CLASSES = {0, scene.SCL_VEGETATION, scene.SCL_NOT_VEGETATED, scene.SCL_WATER,
+               scene.SCL_CLOUD_MEDIUM, scene.SCL_CLOUD_HIGH, scene.SCL_CIRRUS}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_scale_offset_tags_and_nodata_outside_the_aoi(demo_group, s2_dir):
     with rasterio.open(s2_dir / "B04.vrt") as src:
         assert src.scales == (pytest.approx(1e-4),)
         # Baseline 05.10: reflectance = (DN - 1000) * 1e-4 = DN * 1e-4 - 0.1.
-        assert src.offsets == (pytest.approx(-catalog.BOA_ADD_OFFSET_DN * 1e-4),)
+        assert src.offsets == (pytest.approx(-scene.BOA_ADD_OFFSET_DN * 1e-4),)
         dn = src.read(1)
     with rasterio.open(s2_dir / "SCL.vrt") as src:
         assert src.scales == (1.0,) and src.offsets == (0.0,)
@@ -125,10 +125,10 @@ def test_tagged_reflectance_is_the_known_field_reflectance(demo_group, s2_dir):
             win = rasterio.windows.from_bounds(*geom.bounds, transform=src.transform)
             dn = src.read(1, window=win)
             m = geometry_mask([geom], dn.shape, src.window_transform(win), invert=True)
-            truth.append((np.median(dn[m]) - catalog.BOA_ADD_OFFSET_DN) * 1e-4)
+            truth.append((np.median(dn[m]) - scene.BOA_ADD_OFFSET_DN) * 1e-4)
     np.testing.assert_allclose(refl, truth, atol=3e-4)
     # Truth 2: within the generator's envelope of some land cover (jitter x drift).
-    covers = np.array(list(catalog.COVER_REFLECTANCE.values()))[:, [2, 1, 0]]
+    covers = np.array(list(scene.COVER_REFLECTANCE.values()))[:, [2, 1, 0]]
     refl = np.array(refl)
     ok = (refl >= covers * 0.85 * 0.95 - 0.002) & (refl <= covers * 1.15 * 1.05 + 0.002)
     assert ok.all(axis=1).any(), f"field reflectance {refl} fits no land cover"

@@ -121,7 +121,8 @@ def test_bands_rendered_in_strips_equal_one_full_tile_draw():
     """The strip renderer gives, byte for byte, what one full-tile noise draw gives (the demo's bytes)."""
     from dataclasses import replace
 
-    from raysam.demo.catalog import GSD_M, TILES, _band_dn_in_strips, band_dn, cloud_opacity
+    from raysam.demo.catalog import TILES
+    from raysam.demo.scene import GSD_M, band_dn, band_dn_in_strips, cloud_opacity
 
     tile = replace(TILES[1], size_px=1100)  # not a multiple of the strip height; holds the cloud
     classes = np.random.default_rng(1).integers(0, 5, (1100, 1100)).astype("int32")
@@ -132,13 +133,14 @@ def test_bands_rendered_in_strips_equal_one_full_tile_draw():
     for b in range(4):
         noise = full_rng.normal(0.0, 4.0, (550, 550)).repeat(2, 0).repeat(2, 1)
         expected = band_dn(table[classes, b], noise, opacity, b)
-        assert np.array_equal(_band_dn_in_strips(strip_rng, classes, table, b, tile, cloudy=True), expected)
+        assert np.array_equal(band_dn_in_strips(strip_rng, classes, table, b, tile, cloudy=True), expected)
 
 
 def test_a_larger_tile_makes_its_own_catalog(tmp_path):
     from dataclasses import replace
 
-    from raysam.demo.catalog import TILES, DemoTile, make_demo_catalog, tile_footprint_wgs84, tile_inner_bbox_wgs84
+    from raysam.demo.catalog import TILES, make_demo_catalog
+    from raysam.demo.scene import DemoTile, tile_footprint_wgs84, tile_inner_bbox_wgs84
     from raysam.errors import ConfigError
 
     tile = replace(TILES[1], size_px=1030)
@@ -158,7 +160,8 @@ def test_a_larger_tile_makes_its_own_catalog(tmp_path):
 def test_inner_bbox_of_a_full_size_tile_covers_most_of_it():
     from dataclasses import replace
 
-    from raysam.demo.catalog import TILES, tile_footprint_wgs84, tile_inner_bbox_wgs84
+    from raysam.demo.catalog import TILES
+    from raysam.demo.scene import tile_footprint_wgs84, tile_inner_bbox_wgs84
 
     tile = replace(TILES[1], size_px=10980)  # a full MGRS tile, 109.8 km
     footprint, aoi = tile_footprint_wgs84(tile), box(*tile_inner_bbox_wgs84(tile, 500.0))

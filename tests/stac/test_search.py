@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from shapely.geometry import box
 
-from raysam.demo.catalog import free_port
+from raysam.demo.serve import free_port
 from raysam.errors import DataError
 from raysam.stac import StacConfig, cloud_filter_params, open_client, search_items
 

@@ -9,7 +9,8 @@ import shapely
 from shapely.geometry import box
 
 from raysam.errors import ConfigError, DataError
-from raysam.stac import dedupe_reprocessed, parse_item, select_per_date
+from raysam.selection import select_per_date
+from raysam.stac import dedupe_reprocessed, parse_item
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def items(demo_catalog):
 
 
 def _skips(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "raysam.stac" and r.getMessage().startswith("skipping")]
+    return [r.getMessage() for r in caplog.records if r.name == "raysam.selection" and r.getMessage().startswith("skipping")]
 
 
 def test_both_tiles_per_date(items, demo_catalog):
@@ -36,7 +37,7 @@ def test_one_tile_enough_inside_one_zone(items):
 
 
 def test_cloudy_date_skipped_with_one_reason(items, demo_catalog, caplog):
-    caplog.set_level(logging.INFO, logger="raysam.stac")
+    caplog.set_level(logging.INFO, logger="raysam.selection")
     selections = select_per_date(items, box(*demo_catalog.aoi_wgs84), max_cloud_cover=1.0)
     assert [s.date.isoformat() for s in selections] == ["2024-07-01"]
     skips = _skips(caplog)
@@ -45,7 +46,7 @@ def test_cloudy_date_skipped_with_one_reason(items, demo_catalog, caplog):
 
 
 def test_short_cover_skipped(items, demo_catalog, caplog):
-    caplog.set_level(logging.INFO, logger="raysam.stac")
+    caplog.set_level(logging.INFO, logger="raysam.selection")
     partial = [i for i in items if not (i.tile_id == "16TBM" and i.datetime_utc.date() == date(2024, 7, 1))]
     aoi = box(*demo_catalog.aoi_wgs84)
     selections = select_per_date(partial, aoi)
@@ -59,7 +60,7 @@ def test_short_cover_skipped(items, demo_catalog, caplog):
 
 
 def test_too_many_tiles_skipped_then_nothing_left(items, demo_catalog, caplog):
-    caplog.set_level(logging.INFO, logger="raysam.stac")
+    caplog.set_level(logging.INFO, logger="raysam.selection")
     with pytest.raises(DataError, match=r"^none of the 2 acquisition dates covers the region well enough"):
         select_per_date(items, box(*demo_catalog.aoi_wgs84), max_tiles_per_date=1)
     assert all("needs 2 tiles, more than max_tiles_per_date 1" in s for s in _skips(caplog)) and len(_skips(caplog)) == 2

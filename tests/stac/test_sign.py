@@ -13,7 +13,8 @@ from planetary_computer import sas
 from planetary_computer.settings import Settings
 
 from raysam.errors import DataError
-from raysam.stac import StacConfig, make_href_signer, signer_spec
+from raysam.signing import make_href_signer, signer_spec
+from raysam.stac import StacConfig
 
 KEY = "pc-secret-key-0123456789"
 HREF = "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/15/T/YG/2024/07/06/B04_10m.tif"
