@@ -20,9 +20,10 @@ import shapely
 from pyproj import Transformer
 
 from raysam.errors import ConfigError, DataError
+from raysam.grid import utm_epsg_for
 from raysam.items import ParsedItem
 
-__all__ = ["DEFAULT_MIN_TILE_COVER", "DateSelection", "greedy_cover", "select_per_date", "utm_epsg_for"]
+__all__ = ["DEFAULT_MIN_TILE_COVER", "DateSelection", "greedy_cover", "select_per_date"]
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ class DateSelection:
     aoi_cover: float
     relative_orbits: tuple[int, ...] = ()
     cloud_cover: float | None = None
-
-
-def utm_epsg_for(geom_wgs84: shapely.Geometry) -> int:
-    """The WGS 84 / UTM EPSG code of the zone holding the geometry's centroid."""
-    point = geom_wgs84.centroid
-    zone = min(int((point.x + 180.0) // 6.0) + 1, 60)
-    return (32600 if point.y >= 0 else 32700) + zone
 
 
 def _to_metric(geom_wgs84: shapely.Geometry, transformer: Transformer) -> shapely.Geometry:
@@ -148,7 +142,8 @@ def select_per_date(items: Iterable[ParsedItem], aoi_wgs84: shapely.Geometry, mi
         raise ConfigError(f"min_tile_cover={min_tile_cover} must be in (0, 1]: e.g. 0.95")
     if max_tiles_per_date is not None and max_tiles_per_date < 1:
         raise ConfigError(f"max_tiles_per_date={max_tiles_per_date} must be >= 1 or null")
-    to_m = Transformer.from_crs(4326, utm_epsg_for(aoi_wgs84), always_xy=True)
+    centroid = aoi_wgs84.centroid
+    to_m = Transformer.from_crs(4326, utm_epsg_for(centroid.x, centroid.y), always_xy=True)
     aoi_m = _to_metric(aoi_wgs84, to_m)
     groups: dict[tuple[date, int | None], list[ParsedItem]] = defaultdict(list)
     for item in items:
