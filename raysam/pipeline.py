@@ -38,7 +38,7 @@ from raysam.runstats import STATS_ACTOR, process_info, reset_peak
 # Test and demo knob: seconds each SAM actor sleeps per chip (default 0). Fault-injection tests
 # set it so that "mid-run" (a node removed, an actor killed) is a wide window, not a race.
 SAM_CHIP_DELAY_ENV = "RAYSAM_SAM_CHIP_DELAY_S"
-SAM_NICE = 5  # the SAM actors' CPU niceness: reads and a finished group's back half go first, SAM takes the rest
+SAM_NICE_STEP = 4  # SAM actors run this much nicer than other workers: reads and a finished group's back half go first
 # Exceptions from our code that another attempt can cure: transient I/O that escaped
 # raysam.read's own bounded retries (sockets, timeouts, GDAL/rasterio I/O). Ray Data matches
 # each pattern against "module.Class: message" of the error, after its wrapper
@@ -166,18 +166,19 @@ def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.Sha
     return {"task": tasks, "rgb": np.stack(out["rgb"]), "valid_bits": np.stack(out["valid_bits"])}
 
 
-def lower_cpu_priority(nice: int) -> None:
-    """Raise this process's niceness to ``nice`` (every thread it has; threads it starts later
-    inherit it). SAM saturates whatever CPUs it gets; without this the light tasks that share its
-    node (chip reads, merges, sink tiles) wait behind it and a finished date group publishes late.
-    Where niceness cannot be changed it stays as it is."""
+def lower_cpu_priority(by: int) -> None:
+    """Raise the niceness of every thread of this process by ``by`` (at most to 19); threads it
+    starts later inherit it. SAM saturates whatever CPUs it gets; without this the light tasks
+    that share its node (chip reads, merges, sink tiles: Ray starts every worker at niceness 15)
+    wait behind it and a finished date group publishes late. Where niceness cannot be changed it
+    stays as it is."""
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         tids = [0]  # not Linux: the calling thread (the process, elsewhere)
     for tid in tids:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
         except OSError:
             pass
 
@@ -189,15 +190,15 @@ class SamStage:
     actor shows as one more load. ONNX Runtime gets ``threads`` intra-op threads (the actor's CPU
     reservation, rounded up), not every core of the node. ``RAYSAM_SAM_CHIP_DELAY_S``
     (:data:`SAM_CHIP_DELAY_ENV`) makes it sleep that long per chip: a throttle for
-    fault-injection tests, 0 by default. It runs at niceness :data:`SAM_NICE`
-    (:func:`lower_cpu_priority`).
+    fault-injection tests, 0 by default. It runs :data:`SAM_NICE_STEP` nicer than the
+    other workers (:func:`lower_cpu_priority`).
     """
 
     def __init__(self, model_source: ModelSource, amg_params: dict, device: str, shards: Mapping[str, checkpoint.ShardTarget],
                  threads: int | None = None):
         from raysam.sam import AutomaticMaskGenerator, load_model
 
-        lower_cpu_priority(SAM_NICE)  # before ONNX Runtime starts its threads: they inherit it
+        lower_cpu_priority(SAM_NICE_STEP)  # before ONNX Runtime starts its threads: they inherit it
         self.model = load_model(model_source.materialise(), device=device, intra_op_threads=threads)
         self.generator = AutomaticMaskGenerator(self.model, **amg_params)
         self.shards = shards
