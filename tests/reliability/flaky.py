@@ -76,6 +76,7 @@ class _Counts:
         self.paths: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.forbidden: Counter[str] = Counter()
+        self.forbidden_opens: Counter[str] = Counter()  # 403s of a request that opens the file (no range, or from byte 0)
 
     def attempt(self, key: str, path: str) -> int:
         """Count one attempt; return its number for this key (1, 2, ...)."""
@@ -88,13 +89,14 @@ class _Counts:
         with self._lock:
             self.faults[kind] += 1
 
-    def refuse(self, path: str) -> None:
+    def refuse(self, path: str, first_byte: int | None) -> None:
         with self._lock:
             self.forbidden[path] += 1
+            self.forbidden_opens[path] += not first_byte
 
     def reset(self) -> None:
         with self._lock:
-            for counter in (self.attempts, self.paths, self.faults, self.forbidden):
+            for counter in (self.attempts, self.paths, self.faults, self.forbidden, self.forbidden_opens):
                 counter.clear()
 
 
@@ -231,7 +233,8 @@ class _FileHandler(_FaultyHandler):
         token = parse_qs(urlsplit(self.path).query).get("token", [None])[0]
         if token == self.server.token:
             return False
-        self.server.counts.refuse(urlsplit(self.path).path)
+        ranges = _ranges(self.headers.get("Range"), 2**62)
+        self.server.counts.refuse(urlsplit(self.path).path, ranges[0][0] if ranges else None)
         self._send(403, b"AuthenticationFailed: signature expired\n", {"Content-Type": "text/plain"})
         return True
 
