@@ -141,11 +141,12 @@ with interrupt.guard(grace_s=2):
 
 def test_a_stop_while_the_main_thread_is_stuck_in_a_library(tmp_path, hole):
     cleaned = tmp_path / "cleaned"
+    before = hole.connections()  # the module's earlier stops connected to it too
     proc = subprocess.Popen([sys.executable, "-c", WATCHDOG_SCRIPT, f"127.0.0.1:{hole.port}", str(cleaned)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         assert proc.stdout.readline().strip() == "waiting"
-        wait_for(lambda: hole.connections() > 0, 30, "the S3 request")
+        wait_for(lambda: hole.connections() > before, 30, "the S3 request")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
