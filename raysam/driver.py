@@ -281,6 +281,8 @@ def remove_empty_dirs(root: OutputRoot, plan: RunPlan, new_dirs: tuple[str, ...]
 class ChipStream(threading.Thread):
     """Drains the chip pipeline (tiny rows, one per chip) in the background; keeps its error."""
 
+    STOP_WAIT_S = 5.0  # how long stop() waits for the thread once Ray Data's executor is shut down
+
     def __init__(self, dataset: Any):
         super().__init__(name="raysam-chips", daemon=True)
         self.dataset = dataset
@@ -292,6 +294,18 @@ class ChipStream(threading.Thread):
                 pass
         except BaseException as err:  # noqa: BLE001 - handed to the driver loop, which raises it
             self.error = err
+
+    def stop(self) -> None:
+        """End the stream of a stopped run: shut Ray Data's executor down (its iterator then
+        ends) and wait for the thread. Left running, the thread would outlive the run's Ray
+        instance, and Ray's client in it ends the whole process a minute after Ray is gone (a
+        notebook's kernel, a test session)."""
+        # Ray Data has no public stop; its executor is a thread named after the dataset.
+        name = f"StreamingExecutor-{self.dataset.get_dataset_id()}"
+        for executor in [t for t in threading.enumerate() if t.name == name and hasattr(t, "shutdown")]:
+            with contextlib.suppress(Exception):
+                executor.shutdown(force=True)
+        self.join(self.STOP_WAIT_S)
 
 
 POLL_S = 0.25  # how often the driver looks at progress and task results
@@ -316,6 +330,7 @@ class RunController:
         self.progress = RunProgress([(g.group.id, g.area_km2) for g in todo])
         self.jobs: list[Any] = []  # GroupJob, one per claimed group, once the run starts
         self.queue: Any = None  # TaskQueue
+        self.stream: ChipStream | None = None  # the chips going through the SAM actors, once started
         self.kept = 0  # chip checkpoints kept by abort()
         self._abort_lock = threading.Lock()
         self._aborted = False
@@ -359,7 +374,8 @@ class RunController:
             scaling = dict(zip((g.group.id for g in self.todo), ray.get(scaling_refs), strict=True))
             specs = {job.group_id: job.spec for job in jobs}
             resume = {g.group.id: g.chips_checkpointed > 0 for g in self.todo}
-            stream = ChipStream(chip_dataset(specs, cfg, scaling, model_source_for(cfg, self.prepared.model_dir), resume))
+            self.stream = stream = ChipStream(chip_dataset(specs, cfg, scaling,
+                                                            model_source_for(cfg, self.prepared.model_dir), resume))
             stream.start()
             jobs[0].activate()
             self._watch(jobs, stream, stats, queue)
@@ -384,6 +400,8 @@ class RunController:
             self._aborted = True
         if self.queue is not None:
             self.queue.cancel()
+        if self.stream is not None:
+            self.stream.stop()
         from raysam.groupjob import Stage
 
         unfinished = [job for job in self.jobs if job.stage is not Stage.PUBLISHED]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import signal
+import threading
 
 import pytest
 
@@ -45,3 +46,6 @@ def test_a_full_disk_on_a_worker_stops_the_run_in_one_line_and_publishes_nothing
     assert str(out) in message and "free space" in message
     assert not list(out.rglob("_COMPLETE.json")), "a group was published"
     assert not [p for p in out.rglob("*") if ".staging-" in p.name or p.suffix == ".lock"], "staging or locks left"
+    # the chip stream stopped with the run: left behind, Ray's client in it would end this process
+    # a minute after Ray is gone
+    assert not [t for t in threading.enumerate() if t.name == "raysam-chips"], "the chip stream outlived the run"
