@@ -164,7 +164,7 @@ def test_bad_config_is_refused_while_validating(tmp_path, demo_catalog, override
     ("override", "message"),
     [("region.geometry='-89.86,41.79,-90.14,41.89'", "is empty or reversed"),  # load_region, first
      ("region.geometry='-100,20,-75,60'", "km², more than"),
-     ("output.root={blocked}/out", "is not writable")],  # checked last, after search and planning
+     ("output.root={blocked}/out", "which is a file, not a directory")],  # the preflight's path check
 )
 def test_bad_input_found_by_run_fails_fast_and_writes_nothing(tmp_path, demo_catalog, override, message):
     blocked = tmp_path / "a_file"
