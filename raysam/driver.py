@@ -434,6 +434,10 @@ class RunController:
         stream.join(timeout=60)
         if stream.error is not None:
             raise stream.error
+        storage = self.prepared.root.storage
+        for job in jobs:  # a chip redone after its group published (Ray Data rebuilding outputs lost
+            if storage.exists(job.spec.work_dir):  # with a node) wrote its checkpoint again
+                storage.delete_tree(job.spec.work_dir)
 
     def _published(self, manifest: dict[str, Any]) -> None:
         gid = manifest["date_group"]["id"]
