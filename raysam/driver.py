@@ -150,7 +150,7 @@ def check_ray(cfg: RunConfig, model_manifest: dict) -> None:
             if problem := preflight.unmet_demand(cfg, capacity, model_bytes):
                 raise ConfigError(problem)
             return
-        init_ray(cfg)
+        init_ray(cfg.ray)
     problem = preflight.unmet_demand(cfg, preflight.connected_capacity(), model_bytes)
     if problem and cfg.ray.autoscale_wait_s is not None:
         if cfg.dry_run:
@@ -176,7 +176,16 @@ def shutdown_ray() -> None:
             ray.shutdown()
 
 
-def init_ray(cfg: RunConfig) -> None:
+# How long the local Ray instance keeps an idle worker process it would otherwise kill (Ray: 1 s).
+# Ray keeps only as many idle workers as the node has free CPUs; the SAM actors hold nearly all of
+# a small machine's (1.5 of 2), so Ray killed the worker of every chip read or sink task a second
+# after it finished and started a new one for the next task, which imported GDAL, Arrow and raysam
+# again (demo, 2 cores: 9 task workers and 16 CPU-s, against 2 workers and 8 CPU-s with this).
+# A cluster's nodes take it from RAY_idle_worker_killing_time_threshold_ms at `ray start`.
+IDLE_WORKER_KEEP_MS = 60_000
+
+
+def init_ray(ray_cfg: RayConfig) -> None:
     """Connect to (or start) Ray; quiet, with the object store size if configured."""
     import ray
 
@@ -184,11 +193,13 @@ def init_ray(cfg: RunConfig) -> None:
         return
     # No address: the cluster of a `ray job submit` (RAY_ADDRESS), else a fresh local instance,
     # never whatever `ray start` cluster happens to run on this machine (use ray=cluster for that).
-    address = cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    address = ray_cfg.address or (None if os.environ.get("RAY_ADDRESS") else "local")
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "include_dashboard": False,
                               "configure_logging": False}  # Ray's records go through our handlers (raysam.console)
-    if cfg.ray.object_store_gb and address == "local":
-        kwargs["object_store_memory"] = int(cfg.ray.object_store_gb * 1e9)
+    if address == "local":
+        kwargs["_system_config"] = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
+    if ray_cfg.object_store_gb and address == "local":
+        kwargs["object_store_memory"] = int(ray_cfg.object_store_gb * 1e9)
     route_ray_logs()
     with contextlib.suppress(ImportError, AttributeError):  # a Ray call from a thread left behind by a
         import ray._private.auto_init_hook as auto_init  # stopped run must not start or join another cluster
@@ -356,7 +367,7 @@ class RunController:
 
         t0 = time.perf_counter()
         root = self.prepared.root
-        init_ray(self.cfg)
+        init_ray(self.cfg.ray)
         node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
         self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
         stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
