@@ -2,8 +2,11 @@
 
 Date groups finish one after another, so a group's merge and sinks run ahead of the next group's
 Sentinel-2 tiles: tasks are started in priority order (``(group index, stage)``), at most
-``limit`` at a time (``ray.sink_tasks``). Results come back to a callback on the driver; they are
-small (counts, windows, a few ids), never pixels or records.
+``limit`` at a time (``ray.sink_tasks``), and none of a later group while one of an earlier group
+runs. A group's back half goes in stages (cell merges, then cell writes, then the single files),
+and between two of them it has nothing waiting for a moment: without that rule the next group's
+tiles took the free slots then, and the earlier group published later. Results come back to a
+callback on the driver; they are small (counts, windows, a few ids), never pixels or records.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ class TaskQueue:
     def __init__(self, limit: int):
         self.limit = max(1, int(limit))
         self._waiting: list[tuple[tuple, int, Callable[[], Any], Callable[[Any], None]]] = []
-        self._running: dict[Any, Callable[[Any], None]] = {}
+        self._running: dict[Any, tuple[tuple, Callable[[Any], None]]] = {}  # ref -> (priority, on_done)
         self._seq = itertools.count()
 
     def submit(self, priority: tuple, start: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
-        """Queue a task: ``start()`` submits it (returns its ObjectRef); ``on_done(result)`` gets its value."""
+        """Queue a task: ``start()`` submits it (returns its ObjectRef); ``on_done(result)`` gets its value.
+
+        ``priority`` is ``(date group index, stage rank, ...)``, lowest first.
+        """
         heapq.heappush(self._waiting, (priority, next(self._seq), start, on_done))
 
     @property
@@ -39,9 +45,9 @@ class TaskQueue:
         Returns:
             How many tasks finished. A task's exception is raised here.
         """
-        while self._waiting and len(self._running) < self.limit:
-            _, _, start, on_done = heapq.heappop(self._waiting)
-            self._running[start()] = on_done
+        while self._waiting and len(self._running) < self.limit and self._may_start(self._waiting[0][0]):
+            priority, _, start, on_done = heapq.heappop(self._waiting)
+            self._running[start()] = (priority, on_done)
         if not self._running:
             return 0
         refs = list(self._running)
@@ -49,9 +55,13 @@ class TaskQueue:
         if ready:  # whatever else is done by now too
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
-            on_done = self._running.pop(ref)
+            _, on_done = self._running.pop(ref)
             on_done(ray.get(ref))
         return len(ready)
+
+    def _may_start(self, priority: tuple) -> bool:
+        """No task of an earlier date group is running."""
+        return all(running[0] >= priority[0] for running, _ in self._running.values())
 
     def cancel(self) -> None:
         """Drop waiting tasks and cancel running ones (a failed or interrupted run)."""

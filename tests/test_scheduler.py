@@ -1,0 +1,62 @@
+"""The driver's back-half task queue (raysam.scheduler) on a real local Ray instance."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from raysam.scheduler import TaskQueue
+
+
+@ray.remote(num_cpus=0)
+def _sleep(seconds: float, name: str) -> str:
+    time.sleep(seconds)
+    return name
+
+
+def _drain(queue: TaskQueue, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while queue.busy:
+        assert time.monotonic() < deadline, "the queue did not drain"
+        queue.poll(0.05)
+
+
+def test_a_later_groups_task_waits_for_the_earlier_groups_running_tasks(ray_local):
+    """Group 0 is between two stages (its first stage running, its next one queued only when that
+    ends); group 1's tile is waiting with a free slot: it starts only after group 0's work."""
+    queue = TaskQueue(limit=2)
+    events: list[tuple[str, str, float]] = []
+
+    def start(name: str, seconds: float):
+        def go():
+            events.append(("start", name, time.monotonic()))
+            return _sleep.remote(seconds, name)
+        return go
+
+    def done(result: str) -> None:
+        events.append(("done", result, time.monotonic()))
+        if result == "g0-merge":  # the next stage of group 0, queued from the callback as GroupJob does
+            queue.submit((0, 1), start("g0-write", 0.3), done)
+
+    queue.submit((0, 0), start("g0-merge", 0.6), done)
+    queue.submit((1, 3), start("g1-tile", 0.1), done)
+    _drain(queue)
+
+    order = [(kind, name) for kind, name, _ in events]
+    assert order == [("start", "g0-merge"), ("done", "g0-merge"), ("start", "g0-write"), ("done", "g0-write"),
+                     ("start", "g1-tile"), ("done", "g1-tile")]
+
+
+def test_tasks_of_one_group_share_the_slots(ray_local):
+    """The rule holds a later group back, never the same group's tasks: two run at once."""
+    queue = TaskQueue(limit=2)
+    started: list[str] = []
+    finished: list[str] = []
+    for name in ("a", "b", "c"):
+        queue.submit((0, 0), lambda n=name: started.append(n) or _sleep.remote(0.5, n), finished.append)
+    queue.poll(0)
+    assert started == ["a", "b"]
+    _drain(queue)
+    assert sorted(finished) == ["a", "b", "c"]
+
