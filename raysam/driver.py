@@ -198,8 +198,8 @@ def init_ray(ray_cfg: RayConfig) -> None:
                               "configure_logging": False}  # Ray's records go through our handlers (raysam.console)
     if address == "local":
         kwargs["_system_config"] = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}
-    if ray_cfg.object_store_gb and address == "local":
-        kwargs["object_store_memory"] = int(ray_cfg.object_store_gb * 1e9)
+        if ray_cfg.object_store_gb:
+            kwargs["object_store_memory"] = int(ray_cfg.object_store_gb * 1e9)
     route_ray_logs()
     with contextlib.suppress(ImportError, AttributeError):  # a Ray call from a thread left behind by a
         import ray._private.auto_init_hook as auto_init  # stopped run must not start or join another cluster

@@ -206,6 +206,12 @@ def test_rayjob_manifest_uses_token_auth_and_this_ray_version():
     images = [c["image"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
               for c in g["template"]["spec"]["containers"]]
     assert all(img.startswith(f"rayproject/ray:{ray.__version__}-") for img in images)
+    # worker pods keep idle workers as long as the local instance a run starts (raysam.driver)
+    from raysam.driver import IDLE_WORKER_KEEP_MS
+
+    for group in cluster["workerGroupSpecs"]:
+        env = {e["name"]: e.get("value") for c in group["template"]["spec"]["containers"] for e in c["env"]}
+        assert env["RAY_idle_worker_killing_time_threshold_ms"] == str(IDLE_WORKER_KEEP_MS)
     assert spec["entrypoint"].startswith("python -m raysam.run ")
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert "PC_SDK_SUBSCRIPTION_KEY" not in spec["runtimeEnvYAML"]
