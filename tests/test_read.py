@@ -22,7 +22,8 @@ from raysam.errors import ConfigError, DataError
 from raysam.grid import BandRead, ChipTask, DateGroup, ItemRead, TargetGrid
 from raysam.items import BandAsset, ParsedItem
 from raysam.read import ChipPixels, SkippedChip, _aligned_index, read_band_dn, read_chip
-from raysam.remote_io import DEFAULT_DATASET_CACHE_SIZE, set_dataset_cache_size
+from raysam.remote_io import (DEFAULT_DATASET_CACHE_SIZE, GDAL_CACHEMAX_BYTES, gdal_env_options,
+                              set_dataset_cache_size)
 from raysam.scaling import ScalingSpec, compute_stretch
 
 EPSG = 32615
@@ -583,6 +584,32 @@ def test_cache_size_zero_closes_after_each_read_and_negative_is_refused(tmp_path
             set_dataset_cache_size(-1)
     finally:
         set_dataset_cache_size(DEFAULT_DATASET_CACHE_SIZE)
+
+
+def _libgdal():
+    """The libgdal this process's rasterio loaded, through ctypes: GDAL's block-cache counters."""
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if "libgdal" in line)
+    lib = ctypes.CDLL(path)
+    for name in ("GDALGetCacheMax64", "GDALGetCacheUsed64"):
+        getattr(lib, name).restype = ctypes.c_int64
+    return lib
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="finds libgdal through /proc")
+def test_decoded_blocks_stay_cached_for_the_next_chip(tmp_path):
+    """Neighbouring chips share COG blocks: a chip read leaves its decoded blocks in GDAL's block
+    cache, bounded by GDAL_CACHEMAX (bytes: rasterio gave an int 64 to GDALSetCacheMax64 and
+    cached nothing)."""
+    it = item_of(tmp_path, "a", tuple(np.full((512, 512), v, np.uint16) for v in (3000, 2000, 1000)))
+    gdal = _libgdal()
+    with rasterio.Env(**gdal_env_options()):
+        assert gdal.GDALGetCacheMax64() == GDAL_CACHEMAX_BYTES
+        read_chip(task_of(it, size=512))
+        # 3 bands x 16 blocks of 128 x 128 uint16 = 1.5 MiB decoded, all of them still cached
+        assert gdal.GDALGetCacheUsed64() >= 3 * 512 * 512 * 2
 
 
 class CachingSigner:
