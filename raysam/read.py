@@ -39,7 +39,7 @@ from raysam.errors import DataError
 from raysam.grid import BandRead, ChipTask, ItemRead
 from raysam.items import canonical_band
 from raysam.remote_io import NetworkPolicy, Signer, gdal_env_options, read_asset
-from raysam.scaling import ScalingSpec, band_scale, reflectance, to_uint8
+from raysam.scaling import ScalingSpec, band_scale, dn_to_uint8
 
 # SCL classes (Sentinel-2 L2A product spec): 3 cloud shadow, 8 cloud medium probability,
 # 9 cloud high probability, 10 thin cirrus.
@@ -126,14 +126,12 @@ def read_chip(task: ChipTask, signer: Signer | None = None,
                            {"valid_fraction": 0.0})
     with rasterio.Env(**gdal_env_options(network)):
         read = _band_reader(task, signer, fast_path, network)
-        refl, valid, scl, used = _mosaic(task, scaling, in_aoi, read)
+        rgb, valid, scl, used = _mosaic(task, scaling, in_aoi, read)
     cloud = valid & np.isin(scl, np.asarray(cloud_classes, dtype=np.uint8))
     stats = _chip_stats(valid, cloud, used)
     reason = _skip_reason(stats, max_cloud_fraction)
     if reason:
         return SkippedChip(task.date_group_id, task.chip_id, reason, stats)
-    rgb = to_uint8(refl, scaling)
-    rgb[~valid] = 0
     return ChipPixels(task.date_group_id, task.chip_id, task.window_px, rgb, valid, cloud, stats)
 
 
@@ -223,9 +221,10 @@ def _bounding_box(mask: np.ndarray) -> Box:
 
 def _mosaic(task: ChipTask, scaling: ScalingSpec, in_aoi: np.ndarray,
             read: BandReader) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """First-valid-wins mosaic over the task's items: reflectance (3, H, W), valid, SCL, items."""
+    """First-valid-wins mosaic over the task's items: RGB uint8 (H, W, 3, 0 where not valid),
+    valid, SCL, items."""
     shape = in_aoi.shape
-    refl = np.zeros((3, *shape), dtype=np.float32)
+    rgb = np.zeros((*shape, 3), dtype=np.uint8)
     valid = np.zeros(shape, dtype=bool)
     scl = np.zeros(shape, dtype=np.uint8)
     used = 0
@@ -233,19 +232,20 @@ def _mosaic(task: ChipTask, scaling: ScalingSpec, in_aoi: np.ndarray,
     def read_item(item: ItemRead, box: Box) -> tuple[np.ndarray, np.ndarray]:
         return _read_item_rgb(item, scaling, read, box)
 
-    for item, item_refl, take, box in _first_valid(task.items, read_item, in_aoi):
+    for item, item_rgb, take, box in _first_valid(task.items, read_item, in_aoi):
         used += 1
-        np.copyto(refl[(slice(None), *box)], item_refl, where=take)
+        whole = take.all()  # the usual case, and a plain copy is 10x faster than a masked one
+        np.copyto(rgb[box], item_rgb, where=True if whole else take[..., None])
         valid[box] |= take
         if item.band(SCL) is not None:
             np.copyto(scl[box], read(item.item_id, item.band(SCL), Resampling.nearest, box),
-                      where=take, casting="unsafe")
-    return refl, valid, scl, used
+                      where=True if whole else take, casting="unsafe")
+    return rgb, valid, scl, used
 
 
 def _read_item_rgb(item: ItemRead, scaling: ScalingSpec, read: BandReader,
                    box: Box) -> tuple[np.ndarray, np.ndarray]:
-    """Reflectance (3, h, w) of one item's RGB bands over a box and where all three have data."""
+    """RGB uint8 (h, w, 3) of one item's bands over a box and where all three have data."""
     layers, valid = [], None
     for i, band_id in enumerate(scaling.band_ids):
         band = item.band(band_id)
@@ -255,8 +255,8 @@ def _read_item_rgb(item: ItemRead, scaling: ScalingSpec, read: BandReader,
         dn = read(item.item_id, band, Resampling.bilinear, box)
         has_data = _has_data(dn, band)
         valid = has_data if valid is None else valid & has_data
-        layers.append(reflectance(dn, *band_scale(band, scaling, i)))
-    return np.stack(layers), valid
+        layers.append(dn_to_uint8(dn, *band_scale(band, scaling, i), scaling, i))
+    return np.stack(layers, axis=-1), valid
 
 
 def _has_data(dn: np.ndarray, band: BandRead) -> np.ndarray:

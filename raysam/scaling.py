@@ -9,6 +9,7 @@ per date group by :func:`compute_stretch` (from coarse reads of every item), nev
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -106,17 +107,41 @@ def reflectance(dn: np.ndarray, offset_dn: float, scale: float) -> np.ndarray:
 
 def to_uint8(refl: np.ndarray, scaling: ScalingSpec) -> np.ndarray:
     """(3, H, W) reflectance -> (H, W, 3) uint8, by the scaling mode (rounded to nearest)."""
+    return np.stack([band_to_uint8(layer, scaling, i) for i, layer in enumerate(refl)], axis=-1)
+
+
+def band_to_uint8(refl: np.ndarray, scaling: ScalingSpec, index: int) -> np.ndarray:
+    """Reflectance of RGB band ``index`` -> uint8, by the scaling mode (rounded to nearest)."""
     if scaling.mode == "stretch":
         if scaling.low is None or scaling.high is None:
             raise ConfigError("stretch scaling has no low/high; compute them once per date "
                               "group with raysam.scaling.compute_stretch")
-        low = np.asarray(scaling.low, np.float32)[:, None, None]
-        span = np.maximum(np.asarray(scaling.high, np.float32)[:, None, None] - low, 1e-6)
+        low = np.float32(scaling.low[index])
+        span = np.maximum(np.float32(scaling.high[index]) - low, np.float32(1e-6))
         unit = (refl - low) / span
     else:
         unit = refl
-    u8 = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(np.moveaxis(u8, 0, -1))
+    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+LUT_DTYPES = ("uint8", "uint16")  # DN types whose every value indexes a 65,536-entry table
+
+
+def dn_to_uint8(dn: np.ndarray, offset_dn: float, scale: float, scaling: ScalingSpec, index: int) -> np.ndarray:
+    """DN of RGB band ``index`` -> uint8: ``band_to_uint8(reflectance(dn, offset_dn, scale))``,
+    through a table of all 65,536 DNs for unsigned DNs (the same float32 arithmetic, once per
+    band instead of once per pixel)."""
+    if dn.dtype.name not in LUT_DTYPES:
+        return band_to_uint8(reflectance(dn, offset_dn, scale), scaling, index)
+    low = scaling.low[index] if scaling.mode == "stretch" and scaling.low is not None else None
+    high = scaling.high[index] if scaling.mode == "stretch" and scaling.high is not None else None
+    return _dn_table(float(offset_dn), float(scale), scaling.mode, low, high)[dn]
+
+
+@functools.lru_cache(maxsize=64)
+def _dn_table(offset_dn: float, scale: float, mode: str, low: float | None, high: float | None) -> np.ndarray:
+    spec = ScalingSpec(mode=mode, low=None if low is None else (low,) * 3, high=None if high is None else (high,) * 3)
+    return band_to_uint8(reflectance(np.arange(2**16, dtype=np.uint16), offset_dn, scale), spec, 0)
 
 
 def compute_stretch(group: DateGroup, bands: Sequence[str] = ("R", "G", "B"),

@@ -24,7 +24,7 @@ from raysam.items import BandAsset, ParsedItem
 from raysam.read import ChipPixels, SkippedChip, _aligned_index, read_band_dn, read_chip
 from raysam.remote_io import (DEFAULT_DATASET_CACHE_SIZE, GDAL_CACHEMAX_BYTES, gdal_env_options,
                               set_dataset_cache_size)
-from raysam.scaling import ScalingSpec, compute_stretch
+from raysam.scaling import ScalingSpec, compute_stretch, dn_to_uint8
 
 EPSG = 32615
 X0, Y1 = 500_000.0, 4_600_000.0  # target grid origin (multiples of 10 m)
@@ -106,6 +106,20 @@ def test_stretch_maps_low_high_to_0_255(tmp_path):
     # R 0.06/0.1 -> 153; G (0.15-0.05)/0.2 -> 127.5 -> 128 (half up in float32); B 0 -> 0.
     assert (out.rgb[..., 0] == 153).all() and (out.rgb[..., 2] == 0).all()
     assert set(np.unique(out.rgb[..., 1])) <= {127, 128}
+
+
+@pytest.mark.parametrize("spec", [ScalingSpec(), ScalingSpec(mode="stretch", low=(0.0, 0.05, 0.01), high=(0.1, 0.25, 0.3))],
+                         ids=["reflectance", "stretch"])
+def test_dn_tables_agree_with_the_per_pixel_arithmetic_on_every_dn(spec):
+    """Unsigned DNs go through a 65,536-entry table per band, signed ones through float32 per pixel:
+    both give the same uint8 for every DN they share (0..32767), and the table covers 65535."""
+    dn = np.arange(2**15, dtype=np.uint16)
+    for i in range(3):
+        table = dn_to_uint8(dn, OFFSET, SCALE, spec, i)
+        assert np.array_equal(table, dn_to_uint8(dn.astype(np.int16), OFFSET, SCALE, spec, i))
+        assert not dn_to_uint8(dn[:256].astype(np.uint8), OFFSET, SCALE, spec, i).any()  # DN < 1000: reflectance < 0
+    assert dn_to_uint8(np.array([65535], np.uint16), OFFSET, SCALE, ScalingSpec(), 0)[0] == 255
+    assert dn_to_uint8(np.array([3550], np.uint16), OFFSET, SCALE, ScalingSpec(), 0)[0] == 65  # 0.255 * 255
 
 
 # --- resampling ---------------------------------------------------------------------------------------
