@@ -30,6 +30,7 @@ import ray
 
 from raysam import checkpoint, records
 from raysam.config import RayConfig, RunConfig
+from raysam.grid import DEFAULT_CHIP_SIZE
 from raysam.layout import GroupSpec
 from raysam.model_source import ModelSource
 from raysam.preflight import READ_TASK_MEMORY_BYTES
@@ -56,6 +57,12 @@ TRANSIENT_ERROR_PATTERN = (
     r"^(?:[\w.]*UserCodeException: UDF failed to process a data block\. )?(?:\w+\.)*(?:"
     + "|".join(TRANSIENT_ERRORS) + r")(?::|$)"
 )
+# Chips per block out of the read stage (configure_blocks). Ray Data's default block is 128 MB:
+# a whole chip row of a wide region, up to ~40 chips, which the read worker holds twice while it
+# builds the block and the SAM actor once, so their memory grew with the region's width
+# (bench_scale: read 1.37x the demo's, whose rows are 4 chips; 1.25x with 8-chip blocks).
+# Smaller blocks cost the driver (Ray Data's executor) more: 4.5 % of the run's CPU with 4.
+READ_BLOCK_CHIPS = 8
 # A read task reserves READ_TASK_MEMORY_BYTES (raysam.preflight, which checks that a node has room
 # for it). Differing from the SAM stage's reservation, it also keeps Ray Data from fusing the reads
 # into the SAM actors (which it does for operators with equal resources), so chips are read by
@@ -230,6 +237,18 @@ class SamStage:
         return {"chip": out}
 
 
+def chip_nbytes(chip_px: int = DEFAULT_CHIP_SIZE) -> int:
+    """Bytes of one read chip as it leaves the read stage: RGB uint8 and the bit-packed valid mask."""
+    return chip_px * chip_px * 3 + chip_px * chip_px // 8
+
+
+def configure_blocks(ctx: Any) -> None:
+    """Close the read stage's output blocks at :data:`READ_BLOCK_CHIPS` chips, whatever a chip row
+    holds (Ray Data closes a block once it exceeds ``target_max_block_size``; the plan and SAM
+    stages' rows are tiny, so their blocks stay as they are)."""
+    ctx.target_max_block_size = READ_BLOCK_CHIPS * chip_nbytes() - 1
+
+
 def sam_threads(ray_cfg: RayConfig) -> int:
     """ONNX Runtime threads of a SAM actor: its CPU reservation rounded up (at least 1)."""
     return max(1, math.ceil(ray_cfg.cpus_per_actor))
@@ -251,6 +270,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
     ctx = ray.data.DataContext.get_current()
     configure_retries(ctx, cfg.ray)
     ctx.enable_progress_bars = False  # the driver shows progress per date group
+    configure_blocks(ctx)
 
     from raysam.grid import chip_rows
     from raysam.signing import signer_spec

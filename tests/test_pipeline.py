@@ -13,6 +13,7 @@ import geopandas as gpd
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import rasterio
 import shapely
 from hydra import compose, initialize_config_dir
@@ -173,3 +174,19 @@ def test_bad_input_found_by_run_fails_fast_and_writes_nothing(tmp_path, demo_cat
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert sorted(tmp_path.iterdir()) == [blocked] and blocked.read_text() == "not a directory"
+
+
+def test_read_blocks_hold_a_bounded_number_of_chips(ray_local):
+    """Whatever a chip row holds, the read stage's blocks close at READ_BLOCK_CHIPS chips: here 20
+    chips of one row, shaped as read_stage returns them, come out as 8 + 8 + 4."""
+    from raysam.pipeline import READ_BLOCK_CHIPS, configure_blocks
+
+    def read_like(batch: dict) -> dict:
+        task = np.empty(1, object)
+        task[0] = b"a pickled ChipTask"
+        return {"task": task, "rgb": np.zeros((1, 1024, 1024, 3), np.uint8), "valid_bits": np.zeros((1, 1024 * 128), np.uint8)}
+
+    configure_blocks(ray.data.DataContext.get_current())
+    ds = ray.data.from_items([{"chip": i} for i in range(20)], override_num_blocks=1).map_batches(read_like, batch_size=1)
+    rows = [meta.num_rows for bundle in ds.iter_internal_ref_bundles() for meta in bundle.metadata]
+    assert READ_BLOCK_CHIPS == 8 and rows == [8, 8, 4]
