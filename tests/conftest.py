@@ -17,6 +17,7 @@ import pytest
 
 from raysam.demo.catalog import CatalogInfo, make_demo_catalog
 from raysam.demo.serve import free_port, serve_catalog
+from tests.helpers import start_local_ray
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,6 @@ def ray_local():
     """A local Ray instance with 2 CPUs for the module's tests."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -25,6 +25,7 @@ from raysam.layout import GroupSpec
 from raysam.merge import MergeParams, merge_masks
 from raysam.records import RECORD_SCHEMA, MaskTable, pack_crop, to_mask_table
 from raysam.storage.root import OutputRoot
+from tests.helpers import start_local_ray
 from tests.test_merge import chain_records, make_scene, single_chip_table
 
 CHIP_PX, N_CHIPS = 64, 16
@@ -153,7 +154,7 @@ def test_ray_cell_tasks_equal_one_global_merge(checkpointed):
 
     spec, _, expected = checkpointed
     params = MergeParams(iou_mode="mask")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cells = spec.tiling.cells_in(spec.group.grid, spec.group.aoi_utm)
         merged = ray.get([tasks.merge_cell.remote(spec, cell, params) for cell in cells])

@@ -17,6 +17,7 @@ from raysam.errors import ConfigError
 from raysam.preflight import Capacity, Node, chip_memory_bytes, unmet_demand, wait_for_capacity
 from raysam.region import RegionSpec
 from raysam.sam.params import AmgParams
+from tests.helpers import start_local_ray
 
 GIB = 1024**3
 REGION = RegionSpec("r", "0,0,1,1", ("2024-06-01", "2024-06-30"))
@@ -93,7 +94,7 @@ def test_the_local_capacity_is_what_a_local_ray_instance_gets():
 
     predicted = local_capacity(_cfg())
     assert not ray.is_initialized()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    start_local_ray(address="local", include_dashboard=False, log_to_driver=False)
     try:
         (node,) = connected_capacity().nodes
     finally:

@@ -33,6 +33,7 @@ from raysam.console import route_ray_logs
 from raysam.demo.serve import free_port, serve_catalog
 from raysam.run import cli
 from raysam.command_line import command_line_error
+from tests.helpers import start_local_ray
 from tests.reliability import bad_inputs_data as bad
 from tests.reliability.conftest import BUCKET
 
@@ -131,7 +132,7 @@ def local_ray():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    start_local_ray(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=150 * 1024**2, configure_logging=False)
     route_ray_logs()  # as raysam.driver.init_ray does: Ray's records to the run's log, not the console
     yield

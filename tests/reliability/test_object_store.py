@@ -22,6 +22,7 @@ from raysam.errors import ConfigError
 from raysam.storage.backends import ObjectStorage
 from raysam.storage.locks import claim, lock_path, release
 from raysam.storage.root import MARKER, OutputRoot
+from tests.helpers import start_local_ray
 from tests.reliability.conftest import demo_config
 
 
@@ -72,7 +73,7 @@ def runs(s3_server, demo_catalog, tmp_path_factory):
     overrides = ("sam.points_per_side=4",)
     s3_uri = s3_server("out")
     local = tmp_path_factory.mktemp("local")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first = run(demo_config(demo_catalog, s3_uri, *overrides))
         reference = run(demo_config(demo_catalog, local, *overrides))

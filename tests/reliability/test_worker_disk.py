@@ -16,7 +16,7 @@ import pytest
 
 from raysam.errors import ConfigError
 from raysam.run import run
-from tests.helpers import REPO
+from tests.helpers import REPO, start_local_ray
 from tests.reliability.conftest import demo_config
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def test_a_full_disk_on_a_worker_stops_the_run_in_one_line_and_publishes_nothing
 
     out = tmp_path / "out"
     cfg = demo_config(demo_catalog, out, "sam.points_per_side=4", "region.time_range=[2024-06-28,2024-07-05]")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,  # workers import the hook from this checkout
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,  # workers import the hook from this checkout
              runtime_env={"worker_process_setup_hook": f"{__name__}.fill_worker_disk", "env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         with pytest.raises(ConfigError) as err:
