@@ -375,19 +375,23 @@ class RunController:
         self.queue = queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
         base = manifest_base(cfg, self.prepared)
         signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
-        scaling_refs = [tasks.group_scaling.remote(cfg.chip.scaling, g.group, signer, cfg.network) for g in self.todo]
+        # A stretch reads each group's items (a task per group, on a worker). The chip stream starts
+        # without waiting for it: its read tasks wait for their group's scaling, while Ray Data
+        # starts and the SAM actors load the model. Any other scaling is the config's own.
+        scaling = {g.group.id: (tasks.group_scaling.remote(cfg.chip.scaling, g.group, signer, cfg.network)
+                                if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
         jobs: list[GroupJob] = self.jobs
         try:
             for i, g in enumerate(self.todo):
                 spec = GroupSpec(g.group, root, g.fingerprint, g.out_dir, publisher.begin(root, g.out_dir), g.work_dir,
                                  chip_bands(cfg), cfg.chip.spatial_overlap)
                 jobs.append(GroupJob(i, g, spec, cfg, queue, publisher, stats, base, self._published))
-            scaling = dict(zip((g.group.id for g in self.todo), ray.get(scaling_refs), strict=True))
             specs = {job.group_id: job.spec for job in jobs}
             resume = {g.group.id: g.chips_checkpointed > 0 for g in self.todo}
             self.stream = stream = ChipStream(chip_dataset(specs, cfg, scaling,
                                                             model_source_for(cfg, self.prepared.model_dir), resume))
             stream.start()
+            ray.get([ref for ref in scaling.values() if isinstance(ref, ray.ObjectRef)])  # its error, in one line
             jobs[0].activate()
             self._watch(jobs, stream, stats, queue)
         except BaseException as err:

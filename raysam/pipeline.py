@@ -141,6 +141,16 @@ def _signer(stac_cfg: Any) -> Any:
     return make_href_signer(stac_cfg)
 
 
+@functools.lru_cache(maxsize=16)
+def _resolved(ref: ray.ObjectRef) -> Any:
+    return ray.get(ref)
+
+
+def _scaling(spec: Any) -> Any:
+    """A group's scaling: as given, or the result of the task computing it (once per worker)."""
+    return _resolved(spec) if isinstance(spec, ray.ObjectRef) else spec
+
+
 def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.ShardTarget], scaling: dict, signer_cfg: Any,
                max_cloud_fraction: float, network: Any = None) -> dict:
     """Chip tasks -> chip pixels (RGB uint8 + valid mask); a skipped chip is checkpointed as skipped."""
@@ -153,7 +163,7 @@ def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.Sha
         task = pickle.loads(blob)
         reset_peak()
         t0 = time.perf_counter()
-        result = read_chip(task, signer=signer, scaling=scaling[task.date_group_id], max_cloud_fraction=max_cloud_fraction,
+        result = read_chip(task, signer=signer, scaling=_scaling(scaling[task.date_group_id]), max_cloud_fraction=max_cloud_fraction,
                            network=network)
         chip = records.chip_key(task.chip_id)
         if getattr(result, "rgb", None) is None:
@@ -263,7 +273,7 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
     Args:
         specs: the date groups to do, in order.
         cfg: the run config, its ``ray.cpus_per_actor`` decided (:meth:`raysam.config.RayConfig.resolved`).
-        scaling: each group's RGB scaling.
+        scaling: each group's RGB scaling, or the ref of the task computing it (a stretch).
         model_source: where actors load the model from.
         resume: per group, whether its work directory already holds checkpoints to skip.
     """

@@ -85,6 +85,11 @@ class ScalingSpec:
                                   "give reflectance-per-DN factors (Sentinel-2 L2A: 0.0001) or use scaling=stretch")
 
     @property
+    def per_group(self) -> bool:
+        """True if each date group computes its own scaling from its items (:func:`group_scaling`)."""
+        return self.mode == "stretch"
+
+    @property
     def band_ids(self) -> tuple[str, ...]:
         """Canonical band ids in RGB order."""
         return tuple(canonical_band(b) for b in self.band_names)
@@ -227,6 +232,6 @@ def group_scaling(scaling: ScalingSpec, group: DateGroup, signer: Signer | None 
                   network: NetworkPolicy | None = None) -> ScalingSpec:
     """A date group's RGB scaling: ``scaling`` itself, or its per-group stretch (computed once per
     group, never per chip, so neighbouring chips see the same colours)."""
-    if scaling.mode == "stretch":
+    if scaling.per_group:
         return compute_stretch(group, scaling.band_names, signer=signer, base=scaling, network=network)
     return scaling

@@ -302,6 +302,8 @@ CASES = [
     Case("key_short_on_the_command_line", _ov("stac.pc_key=abc123"), "32 hexadecimal characters"),
     # COGs and models that fail inside the pipeline (one shared local Ray instance)
     Case("cog_truncated", _stac("cog_truncated", "sam.scaling=reflectance"), "asset B04: cannot read", needs_ray=True),
+    # the same file under the demo's stretch: the group's stretch task fails while the chip stream starts
+    Case("cog_truncated_stretch", _stac("cog_truncated"), "asset B04: cannot read", needs_ray=True),
     Case("cog_wrong_crs", _stac("cog_wrong_crs", "sam.scaling=reflectance"), "but the item declares EPSG:",
          needs_ray=True),
     Case("cog_float_dtype", _stac("cog_float", "sam.scaling=reflectance"), "holds float32 pixels", needs_ray=True),
