@@ -290,7 +290,7 @@ def _stop(proc: subprocess.Popen) -> None:
     for p in family:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-    _gone, alive = psutil.wait_procs(family, timeout=10)
+    _gone, alive = psutil.wait_procs(family, timeout=2)  # a worker that ignores SIGTERM is killed below
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
