@@ -249,7 +249,7 @@ class SamStage:
 
 def chip_nbytes(chip_px: int = DEFAULT_CHIP_SIZE) -> int:
     """Bytes of one read chip as it leaves the read stage: RGB uint8 and the bit-packed valid mask."""
-    return chip_px * chip_px * 3 + chip_px * chip_px // 8
+    return chip_px * chip_px * 3 + (chip_px * chip_px + 7) // 8  # np.packbits rounds up
 
 
 def configure_blocks(ctx: Any) -> None:

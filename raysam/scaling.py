@@ -117,16 +117,7 @@ def to_uint8(refl: np.ndarray, scaling: ScalingSpec) -> np.ndarray:
 
 def band_to_uint8(refl: np.ndarray, scaling: ScalingSpec, index: int) -> np.ndarray:
     """Reflectance of RGB band ``index`` -> uint8, by the scaling mode (rounded to nearest)."""
-    if scaling.mode == "stretch":
-        if scaling.low is None or scaling.high is None:
-            raise ConfigError("stretch scaling has no low/high; compute them once per date "
-                              "group with raysam.scaling.compute_stretch")
-        low = np.float32(scaling.low[index])
-        span = np.maximum(np.float32(scaling.high[index]) - low, np.float32(1e-6))
-        unit = (refl - low) / span
-    else:
-        unit = refl
-    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return _unit_to_uint8(refl, *_stretch_bounds(scaling, index))
 
 
 LUT_DTYPES = ("uint8", "uint16")  # DN types whose every value indexes a 65,536-entry table
@@ -136,17 +127,35 @@ def dn_to_uint8(dn: np.ndarray, offset_dn: float, scale: float, scaling: Scaling
     """DN of RGB band ``index`` -> uint8: ``band_to_uint8(reflectance(dn, offset_dn, scale))``,
     through a table of all 65,536 DNs for unsigned DNs (the same float32 arithmetic, once per
     band instead of once per pixel)."""
+    low, high = _stretch_bounds(scaling, index)
     if dn.dtype.name not in LUT_DTYPES:
-        return band_to_uint8(reflectance(dn, offset_dn, scale), scaling, index)
-    low = scaling.low[index] if scaling.mode == "stretch" and scaling.low is not None else None
-    high = scaling.high[index] if scaling.mode == "stretch" and scaling.high is not None else None
-    return _dn_table(float(offset_dn), float(scale), scaling.mode, low, high)[dn]
+        return _unit_to_uint8(reflectance(dn, offset_dn, scale), low, high)
+    return _dn_table(float(offset_dn), float(scale), low, high)[dn]
 
 
 @functools.lru_cache(maxsize=64)
-def _dn_table(offset_dn: float, scale: float, mode: str, low: float | None, high: float | None) -> np.ndarray:
-    spec = ScalingSpec(mode=mode, low=None if low is None else (low,) * 3, high=None if high is None else (high,) * 3)
-    return band_to_uint8(reflectance(np.arange(2**16, dtype=np.uint16), offset_dn, scale), spec, 0)
+def _dn_table(offset_dn: float, scale: float, low: float | None, high: float | None) -> np.ndarray:
+    return _unit_to_uint8(reflectance(np.arange(2**16, dtype=np.uint16), offset_dn, scale), low, high)
+
+
+def _stretch_bounds(scaling: ScalingSpec, index: int) -> tuple[float | None, float | None]:
+    """(low, high) reflectance of band ``index`` in stretch mode; (None, None) otherwise."""
+    if scaling.mode != "stretch":
+        return None, None
+    if scaling.low is None or scaling.high is None:
+        raise ConfigError("stretch scaling has no low/high; compute them once per date "
+                          "group with raysam.scaling.compute_stretch")
+    return scaling.low[index], scaling.high[index]
+
+
+def _unit_to_uint8(refl: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+    """Reflectance -> uint8: clip to 0..1 (after mapping low..high to 0..1 if given), * 255, rounded."""
+    if low is None:
+        unit = refl
+    else:
+        low32 = np.float32(low)
+        unit = (refl - low32) / np.maximum(np.float32(high) - low32, np.float32(1e-6))
+    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def compute_stretch(group: DateGroup, bands: Sequence[str] = ("R", "G", "B"),
