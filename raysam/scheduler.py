@@ -11,6 +11,7 @@ callback on the driver; they are small (counts, windows, a few ids), never pixel
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 from collections.abc import Callable
@@ -63,12 +64,21 @@ class TaskQueue:
         """No task of an earlier date group is running."""
         return all(running[0] >= priority[0] for running, _ in self._running.values())
 
+    CANCEL_WAIT_S = 10.0  # how long cancel() waits for the cancelled tasks' workers to be gone
+
     def cancel(self) -> None:
-        """Drop waiting tasks and cancel running ones (a failed or interrupted run)."""
+        """Drop waiting tasks and cancel running ones (a failed or interrupted run), then wait (at
+        most :data:`CANCEL_WAIT_S`) until they have ended: a force-cancel kills the worker
+        asynchronously, and a task still writing a tile after the run removed its group's staging
+        directory made that directory again (seen once under CI load, test_worker_disk)."""
         self._waiting.clear()
-        for ref in list(self._running):
+        refs = list(self._running)
+        for ref in refs:
             try:
                 ray.cancel(ref, force=True)
             except Exception:  # noqa: BLE001 - best effort while failing anyway
                 pass
         self._running.clear()
+        if refs:
+            with contextlib.suppress(Exception):
+                ray.wait(refs, num_returns=len(refs), timeout=self.CANCEL_WAIT_S)
