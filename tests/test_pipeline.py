@@ -190,3 +190,55 @@ def test_read_blocks_hold_a_bounded_number_of_chips(ray_local):
     ds = ray.data.from_items([{"chip": i} for i in range(20)], override_num_blocks=1).map_batches(read_like, batch_size=1)
     rows = [meta.num_rows for bundle in ds.iter_internal_ref_bundles() for meta in bundle.metadata]
     assert READ_BLOCK_CHIPS == 8 and rows == [8, 8, 4]
+
+
+def _chips_read_ahead(tmp_path: Path, name: str, chips: int) -> int:
+    """The most chips a read stage had finished and a one-actor consumer (0.1 s a chip) had not
+    yet started, over a run of ``chips`` chip-sized rows through real Ray Data."""
+    import time
+
+    reads, segmented = tmp_path / f"{name}.reads", tmp_path / f"{name}.sam"
+
+    def stamp(path: Path) -> None:
+        with open(path, "a") as f:
+            f.write(f"{time.time()}\n")
+
+    def read_like(batch: dict) -> dict:
+        stamp(reads)
+        task = np.empty(1, object)
+        task[0] = b"a pickled ChipTask"
+        return {"task": task, "rgb": np.zeros((1, 1024, 1024, 3), np.uint8), "valid_bits": np.zeros((1, 1024 * 128), np.uint8)}
+
+    class SlowSam:
+        def __call__(self, batch: dict) -> dict:
+            stamp(segmented)
+            time.sleep(0.1)
+            return {"chip": np.zeros(len(batch["task"]), np.int8)}
+
+    ds = ray.data.from_items([{"chip": i} for i in range(chips)], override_num_blocks=chips)
+    ds = ds.map_batches(read_like, batch_size=1, num_cpus=0.25).map_batches(
+        SlowSam, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=1))
+    assert sum(len(b["chip"]) for b in ds.iter_batches()) == chips
+    read_at = sorted(float(t) for t in reads.read_text().split())
+    sam_at = np.sort([float(t) for t in segmented.read_text().split()])
+    return max(i + 1 - int(np.searchsorted(sam_at, t, side="right")) for i, t in enumerate(read_at))
+
+
+def test_reads_run_a_bounded_number_of_chips_ahead_of_sam(ray_local, tmp_path, monkeypatch):
+    """With bound_read_ahead (one block per actor here), the reads stay within a block of the SAM
+    actor; without it (Ray Data's default budget), they run far ahead (here 3 chips against 26)."""
+    from raysam import pipeline
+
+    ctx = ray.data.DataContext.get_current()
+    default_limits = ctx.execution_options.resource_limits
+    pipeline.configure_blocks(ctx)
+    chips = 48
+    try:
+        unbounded = _chips_read_ahead(tmp_path, "unbounded", chips)
+        monkeypatch.setattr(pipeline, "READ_AHEAD_BLOCKS_PER_ACTOR", 1)
+        pipeline.bound_read_ahead(ctx, sam_actors=1)
+        bounded = _chips_read_ahead(tmp_path, "bounded", chips)
+    finally:
+        ctx.execution_options.resource_limits = default_limits
+    assert unbounded >= 2 * pipeline.READ_BLOCK_CHIPS, unbounded
+    assert bounded <= pipeline.READ_BLOCK_CHIPS, (bounded, unbounded)
