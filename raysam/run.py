@@ -172,7 +172,8 @@ def _internal_line(err: BaseException, log_path: str) -> str:
 
 def _stop_ray() -> None:
     """Stop the Ray instance the run started (or disconnect), so that what Ray prints while it
-    stops comes before the run's last line, not after it."""
+    stops comes before the run's last line, not after it (after a run, workers' output has
+    reached the driver: each group's tasks have returned)."""
     driver = sys.modules.get("raysam.driver")
     if driver is not None:
         driver.shutdown_ray()
@@ -216,6 +217,7 @@ def cli(argv: list[str]) -> int:
                 return USAGE_EXIT_CODE
             sys.argv = argv
             main()
+            _stop_ray()  # now, not in Ray's exit hook, which first sleeps 0.5 s for workers' last lines
             return 0
     except _Exit as done:
         _stop_ray()
