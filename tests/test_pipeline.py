@@ -193,7 +193,7 @@ def test_read_blocks_hold_a_bounded_number_of_chips(ray_local):
 
 
 def _chips_read_ahead(tmp_path: Path, name: str, chips: int) -> int:
-    """The most chips a read stage had finished and a one-actor consumer (0.1 s a chip) had not
+    """The most chips a read stage had finished and a one-actor consumer (0.15 s a chip) had not
     yet started, over a run of ``chips`` chip-sized rows through real Ray Data."""
     import time
 
@@ -212,7 +212,7 @@ def _chips_read_ahead(tmp_path: Path, name: str, chips: int) -> int:
     class SlowSam:
         def __call__(self, batch: dict) -> dict:
             stamp(segmented)
-            time.sleep(0.1)
+            time.sleep(0.15)
             return {"chip": np.zeros(len(batch["task"]), np.int8)}
 
     ds = ray.data.from_items([{"chip": i} for i in range(chips)], override_num_blocks=chips)
@@ -230,15 +230,16 @@ def test_reads_run_a_bounded_number_of_chips_ahead_of_sam(ray_local, tmp_path, m
     from raysam import pipeline
 
     ctx = ray.data.DataContext.get_current()
-    default_limits = ctx.execution_options.resource_limits
+    limits_before = ctx.execution_options.resource_limits  # a run in this process bounded them
     pipeline.configure_blocks(ctx)
     chips = 48
     try:
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources.for_limits()  # Ray Data's default
         unbounded = _chips_read_ahead(tmp_path, "unbounded", chips)
         monkeypatch.setattr(pipeline, "READ_AHEAD_BLOCKS_PER_ACTOR", 1)
         pipeline.bound_read_ahead(ctx, sam_actors=1)
         bounded = _chips_read_ahead(tmp_path, "bounded", chips)
     finally:
-        ctx.execution_options.resource_limits = default_limits
+        ctx.execution_options.resource_limits = limits_before
     assert unbounded >= 2 * pipeline.READ_BLOCK_CHIPS, unbounded
     assert bounded <= pipeline.READ_BLOCK_CHIPS, (bounded, unbounded)
