@@ -40,3 +40,20 @@ def test_the_local_instance_keeps_a_task_worker_between_tasks():
         assert ray.get(_pid.remote()) == first
     finally:
         shutdown_ray()
+
+
+def test_stopping_the_local_instance_ends_every_process_it_started():
+    """shutdown_ray (which kills the autoscaler monitor itself before Ray's own shutdown) leaves
+    no process of the instance init_ray started: daemons, their workers and the monitor."""
+    import psutil
+
+    assert not ray.is_initialized()
+    init_ray(RayConfig())
+    processes = ray._private.worker._global_node.all_processes
+    assert {"raylet", "gcs_server", "monitor"} <= set(processes)
+    infos = [info for group in processes.values() for info in group]
+    family = [psutil.Process(info.process.pid) for info in infos]
+    family += [child for p in family for child in p.children(recursive=True)]
+    shutdown_ray()
+    _gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, [p.cmdline()[:2] for p in alive]
