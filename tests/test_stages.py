@@ -69,7 +69,7 @@ def _pickled_arguments(ds) -> bytes:
     return b"".join(blobs)
 
 
-def test_the_stac_key_is_in_no_pickled_task_argument(demo_catalog, tmp_path, monkeypatch):
+def test_the_stac_key_is_in_no_pickled_task_argument(ray_local, demo_catalog, tmp_path, monkeypatch):
     from raysam.driver import prepare
 
     key = f"PLANTED-{uuid.uuid4().hex}"
