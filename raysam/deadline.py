@@ -5,8 +5,8 @@ retries a request that a server accepted but never answers for as long as its re
 allows, ``requests`` waits for ever without a timeout, and C++ code that holds no Python frame
 cannot be interrupted by a signal. :func:`bounded` runs such a call in a daemon thread and gives
 up on it after a deadline. A call that was given up on may still hold its thread (and, at
-interpreter exit, a library's finaliser may wait for it), so :func:`abandoned` tells the command
-line to leave the process without running finalisers once it has printed its line.
+interpreter exit, a library's finaliser would wait for it): the command line leaves the process
+without finalisers (``raysam.run._exit``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from typing import TypeVar
 from raysam.errors import RaysamError
 
 T = TypeVar("T")
-
-_abandoned: list[threading.Event] = []  # set when the call given up on has returned after all
-
 
 def bounded(call: Callable[[], T], timeout_s: float, on_timeout: Callable[[], RaysamError]) -> T:
     """``call()``'s result, or ``on_timeout()`` raised if it does not return within ``timeout_s``.
@@ -45,19 +42,9 @@ def bounded(call: Callable[[], T], timeout_s: float, on_timeout: Callable[[], Ra
             returned.set()
 
     threading.Thread(target=target, name="raysam-bounded-call", daemon=True).start()
-    try:
-        finished = returned.wait(timeout_s)
-    except BaseException:  # a signal (RunInterrupted) while waiting: the call may still hang
-        _abandoned.append(returned)
-        raise
-    if not finished:
-        _abandoned.append(returned)
+    if not returned.wait(timeout_s):  # a signal (RunInterrupted) while waiting is raised from here
         raise on_timeout()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
 
-
-def abandoned() -> bool:
-    """True while a call that :func:`bounded` gave up on is still running in this process."""
-    return any(not returned.is_set() for returned in _abandoned)

@@ -36,7 +36,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from raysam import deadline, interrupt
+from raysam import interrupt
 from raysam.command_line import CONF_DIR, command_line_error, hydra_error_line
 from raysam.config import PC_KEY_ENV, RunConfig, redacted
 from raysam.console import FILE_ONLY
@@ -259,15 +259,15 @@ def cli(argv: list[str]) -> int:
 
 
 def _exit(code: int) -> None:
-    """Leave the process; without running finalisers if a call given up on still hangs in it
-    (pyarrow's object-store finaliser would wait for it)."""
-    if deadline.abandoned():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        with contextlib.suppress(Exception):
-            logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
+    """Leave the process once its output is flushed, without Python's teardown of the modules:
+    the run's files are closed and published (or removed) by now, Ray is stopped, and the
+    teardown took 0.6 s (GDAL, ONNX Runtime, Arrow), or hung on pyarrow's object-store
+    finaliser while a call given up on (:mod:`raysam.deadline`) still ran."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

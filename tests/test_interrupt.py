@@ -29,14 +29,11 @@ def test_the_guard_turns_sigterm_into_an_exception_and_restores_the_handlers():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
-def test_a_bounded_call_gives_up_and_says_so_and_is_remembered():
+def test_a_bounded_call_gives_up_and_says_so():
     release = threading.Event()
     with pytest.raises(DataError, match="gave up"):
         deadline.bounded(lambda: release.wait(30), 0.2, lambda: DataError("gave up"))
-    assert deadline.abandoned()
     release.set()
-    time.sleep(0.1)
-    assert not deadline.abandoned()  # it returned after all
     assert deadline.bounded(lambda: 42, 5, lambda: DataError("never")) == 42
     with pytest.raises(ZeroDivisionError):
         deadline.bounded(lambda: 1 / 0, 5, lambda: DataError("never"))
@@ -48,7 +45,7 @@ def test_a_signal_interrupts_a_bounded_wait():
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt), interrupt.guard():
         deadline.bounded(lambda: release.wait(30), 30, lambda: DataError("never"))
-    assert time.monotonic() - t0 < 5 and deadline.abandoned()
+    assert time.monotonic() - t0 < 5
     release.set()
 
 
