@@ -63,8 +63,9 @@ def release_heap() -> None:
     Ray keeps a worker process for the next task of any kind, and glibc keeps what a merge or a
     sink tile freed (arrays below its dynamic mmap threshold, up to 32 MB each), so the chip reads
     that ran in the same process after it carried that heap: bench_scale's read, merge and sink
-    roles had 100-150 MB more private memory on the large region than on the demo. Called after
-    each back-half task, not per chip: memory given back is faulted in again by the next user.
+    roles had 100-150 MB more private memory on the large region than on the demo. Called before
+    and after each back-half task (reads run through the whole run, next to the merges), not per
+    chip: memory given back is faulted in again by the next user.
     """
     trim = _malloc_trim()
     if trim is not None:

@@ -19,7 +19,9 @@ _REMOTE = {"max_retries": -1, "retry_exceptions": False}
 
 
 def _measured(role: str, fn: Any, *args: Any) -> Any:
-    """``fn(*args)``, with its peak memory reported under ``role``; the heap it freed goes back."""
+    """``fn(*args)``, with its peak memory reported under ``role``. The heap freed before it (by the
+    chip reads that share the worker) goes back before it starts, and the heap it freed after."""
+    release_heap()
     reset_peak()
     out = fn(*args)
     report_peak(role)

@@ -1,7 +1,8 @@
-"""Worker memory: what a back-half task freed goes back to the system before the next task runs.
+"""Worker memory: the heap freed in a worker goes back to the system around each back-half task.
 
 Ray keeps worker processes between tasks of any kind, so the heap glibc keeps after a merge or a
-sink tile would be carried by every chip read that runs there next (raysam.runstats.release_heap).
+sink tile would be carried by every chip read that runs there next, and the heap chip reads left
+by the next merge (raysam.runstats.release_heap, raysam.tasks).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import textwrap
 
 import pytest
 
-HEAP_PROGRAM = textwrap.dedent("""
+FREED_HEAP = textwrap.dedent("""
     import numpy as np
     from raysam.runstats import memory_mb, release_heap
 
@@ -22,8 +23,13 @@ HEAP_PROGRAM = textwrap.dedent("""
     keep = arrays[9::10]  # what stays alive pins the heap: free() alone returns nothing
     del arrays
     before = memory_mb()[1]
-    release_heap()
-    print(before, memory_mb()[1])
+""")
+HEAP_PROGRAM = FREED_HEAP + "release_heap()\nprint(before, memory_mb()[1])\n"
+# A back-half task run after it, in the same process (its peak report needs no Ray here).
+TASK_PROGRAM = FREED_HEAP + textwrap.dedent("""
+    from raysam import tasks
+    tasks.report_peak = lambda role: None
+    print(before, tasks._measured("merge", lambda: memory_mb()[1]))
 """)
 
 
@@ -32,3 +38,12 @@ def test_release_heap_returns_the_freed_heap():
     out = subprocess.run([sys.executable, "-c", HEAP_PROGRAM], capture_output=True, text=True, check=True).stdout
     before_mb, after_mb = map(float, out.split())
     assert before_mb - after_mb > 300, (before_mb, after_mb)  # 90 freed arrays of 4 MB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_a_back_half_task_starts_without_the_heap_earlier_work_freed():
+    """A merge or sink task in a worker whose chip reads left freed heap starts without it: its
+    peak is its own, not the reads' leftovers."""
+    out = subprocess.run([sys.executable, "-c", TASK_PROGRAM], capture_output=True, text=True, check=True).stdout
+    before_mb, in_task_mb = map(float, out.split())
+    assert before_mb - in_task_mb > 300, (before_mb, in_task_mb)
