@@ -105,7 +105,10 @@ def running_ray(tmp: Path):
             time.sleep(1)
         yield {**env, "RAY_ADDRESS": address}
     finally:
-        family = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+        try:
+            family = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
         for p in family:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
