@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -87,11 +86,10 @@ def pipeline_run(overrides: list[str], out: Path, env: dict[str, str] | None = N
 def running_ray(tmp: Path):
     """A Ray head node on this machine (``ray start --head --block``) for the duration; yields the
     environment of a driver that attaches to it. Stops it and every process it started after."""
-    import psutil
+    from raysam.demo.serve import free_port
+    from tests.helpers import stop_process_tree
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_idle_worker_killing_time_threshold_ms": "60000"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--include-dashboard=false",
@@ -105,16 +103,7 @@ def running_ray(tmp: Path):
             time.sleep(1)
         yield {**env, "RAY_ADDRESS": address}
     finally:
-        try:
-            family = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        for p in family:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        for p in psutil.wait_procs(family, timeout=5)[1]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_process_tree(head)
 
 
 def report(name: str, chips: int, bare_s: float, pipe: dict, goal: float | None) -> float:

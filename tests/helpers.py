@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +31,26 @@ def child_env(ray_tmp: Path | None = None) -> dict[str, str]:
     Ray) or a STAC key, this checkout on PYTHONPATH, and ``RAY_TMPDIR`` if given."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PC_SDK_SUBSCRIPTION_KEY")}
     return {**env, "PYTHONPATH": str(REPO), **({"RAY_TMPDIR": str(ray_tmp)} if ray_tmp else {})}
+
+
+def stop_process_tree(proc: subprocess.Popen) -> None:
+    """Stop ``proc`` (a ``ray start --head --block``) and every process it started, and only those:
+    SIGTERM, then SIGKILL for whatever is left after 2 s (a Ray worker may ignore SIGTERM)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _gone, alive = psutil.wait_procs(family, timeout=2)
+    for p in alive:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    proc.poll()
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -32,6 +32,7 @@ import yaml
 
 from raysam.demo.serve import free_port
 from raysam.errors import ConfigError
+from tests.helpers import stop_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -279,25 +280,6 @@ def _wait_ready(head: Head, timeout_s: float = 180) -> None:
     raise RuntimeError(f"head node did not come up: {head.log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the ``ray start --block`` process and every process it started (and only those)."""
-    import psutil
-
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _gone, alive = psutil.wait_procs(family, timeout=2)  # a worker that ignores SIGTERM is killed below
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
-    proc.poll()
-
-
 @contextlib.contextmanager
 def running_head():
     """A head node with token auth on (generated token in its HOME, mode not set), stopped after."""
@@ -317,7 +299,7 @@ def running_head():
         _wait_ready(head)
         yield head
     finally:
-        _stop(proc)
+        stop_process_tree(proc)
         shutil.rmtree(base, ignore_errors=True)
 
 

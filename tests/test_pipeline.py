@@ -176,18 +176,20 @@ def test_bad_input_found_by_run_fails_fast_and_writes_nothing(tmp_path, demo_cat
     assert sorted(tmp_path.iterdir()) == [blocked] and blocked.read_text() == "not a directory"
 
 
+def _read_like(batch: dict) -> dict:
+    """One chip as read_stage returns it (a pickled task, 1024² RGB, the packed valid mask)."""
+    task = np.empty(1, object)
+    task[0] = b"a pickled ChipTask"
+    return {"task": task, "rgb": np.zeros((1, 1024, 1024, 3), np.uint8), "valid_bits": np.zeros((1, 1024 * 128), np.uint8)}
+
+
 def test_read_blocks_hold_a_bounded_number_of_chips(ray_local):
     """Whatever a chip row holds, the read stage's blocks close at READ_BLOCK_CHIPS chips: here 20
     chips of one row, shaped as read_stage returns them, come out as 8 + 8 + 4."""
     from raysam.pipeline import READ_BLOCK_CHIPS, configure_blocks
 
-    def read_like(batch: dict) -> dict:
-        task = np.empty(1, object)
-        task[0] = b"a pickled ChipTask"
-        return {"task": task, "rgb": np.zeros((1, 1024, 1024, 3), np.uint8), "valid_bits": np.zeros((1, 1024 * 128), np.uint8)}
-
     configure_blocks(ray.data.DataContext.get_current())
-    ds = ray.data.from_items([{"chip": i} for i in range(20)], override_num_blocks=1).map_batches(read_like, batch_size=1)
+    ds = ray.data.from_items([{"chip": i} for i in range(20)], override_num_blocks=1).map_batches(_read_like, batch_size=1)
     rows = [meta.num_rows for bundle in ds.iter_internal_ref_bundles() for meta in bundle.metadata]
     assert READ_BLOCK_CHIPS == 8 and rows == [8, 8, 4]
 
@@ -205,9 +207,7 @@ def _chips_read_ahead(tmp_path: Path, name: str, chips: int) -> int:
 
     def read_like(batch: dict) -> dict:
         stamp(reads)
-        task = np.empty(1, object)
-        task[0] = b"a pickled ChipTask"
-        return {"task": task, "rgb": np.zeros((1, 1024, 1024, 3), np.uint8), "valid_bits": np.zeros((1, 1024 * 128), np.uint8)}
+        return _read_like(batch)
 
     class SlowSam:
         def __call__(self, batch: dict) -> dict:
@@ -226,7 +226,7 @@ def _chips_read_ahead(tmp_path: Path, name: str, chips: int) -> int:
 
 def test_reads_run_a_bounded_number_of_chips_ahead_of_sam(ray_local, tmp_path, monkeypatch):
     """With bound_read_ahead (one block per actor here), the reads stay within a block of the SAM
-    actor; without it (Ray Data's default budget), they run far ahead (here 3 chips against 26)."""
+    actor; without it (Ray Data's default budget), they run far ahead (here 4 chips against 27)."""
     from raysam import pipeline
 
     ctx = ray.data.DataContext.get_current()
