@@ -126,6 +126,10 @@ class RayConfig:
     node's CPUs but what one chip read and one back-half task reserve (:meth:`resolved`): SAM is
     the bulk of the work, and ONNX Runtime runs on ``ceil(cpus_per_actor)`` threads. Reads and
     back-half tasks are light by default (``read_cpus``/``sink_cpus`` 0.25) so they run beside it.
+
+    A run on this machine (no ``address``, no ``RAY_ADDRESS``) with at most
+    ``in_process_max_chips`` chips to segment does not start Ray: it runs in process
+    (:mod:`raysam.inprocess`), with the same outputs. 0 always starts Ray.
     """
 
     address: str | None = None
@@ -141,9 +145,12 @@ class RayConfig:
     sink_cpus: float = 0.25  # CPUs each back-half task reserves
     timeout_s: float = 15.0  # connecting to ray.address; each call the driver makes to its stats actor
     autoscale_wait_s: float | None = None  # None: the cluster must already fit the run
+    in_process_max_chips: int = 64  # a local run with at most this many chips runs without Ray; 0: never
 
     def __post_init__(self) -> None:
         _check(self.sam_actors >= 1, f"sam_actors={self.sam_actors}: use a positive integer")
+        _check(self.in_process_max_chips >= 0,
+               f"in_process_max_chips={self.in_process_max_chips}: use a number of chips >= 0 (0: always start Ray)")
         _check(self.sink_tasks is None or self.sink_tasks >= 1,
                f"sink_tasks={self.sink_tasks}: use a positive integer or null")
         _check(self.read_concurrency is None or self.read_concurrency >= 1,

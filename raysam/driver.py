@@ -18,7 +18,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -203,15 +203,21 @@ def _kill_autoscaler_monitor() -> None:
 IDLE_WORKER_KEEP_MS = 60_000
 
 
+def init_address(ray_cfg: RayConfig) -> str | None:
+    """The address :func:`init_ray` passes to ``ray.init``: ``"local"`` for a fresh instance on this
+    machine, None for the cluster of ``RAY_ADDRESS`` (``ray job submit``), else ``ray.address``.
+    No address is never whatever ``ray start`` cluster happens to run on this machine (use
+    ``ray=cluster`` for that)."""
+    return ray_cfg.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+
+
 def init_ray(ray_cfg: RayConfig) -> None:
     """Connect to (or start) Ray; quiet, with the object store size if configured."""
     import ray
 
     if ray.is_initialized():
         return
-    # No address: the cluster of a `ray job submit` (RAY_ADDRESS), else a fresh local instance,
-    # never whatever `ray start` cluster happens to run on this machine (use ray=cluster for that).
-    address = ray_cfg.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+    address = init_address(ray_cfg)
     kwargs: dict[str, Any] = {"address": address, "log_to_driver": True, "include_dashboard": False,
                               "configure_logging": False}  # Ray's records go through our handlers (raysam.console)
     if address == "local":
@@ -340,6 +346,18 @@ class ChipStream(threading.Thread):
 POLL_S = 0.25  # how often the driver looks at progress and task results
 
 
+@dataclass(frozen=True)
+class _Backend:
+    """What runs a run's work: Ray, or this process (:mod:`raysam.inprocess`)."""
+
+    name: str  # "ray" or "in-process", as the manifest says
+    stats: Any  # the run's RunStats (actor handle or InProcessActor)
+    queue: Any  # TaskQueue or InProcessQueue
+    chip_stream: Callable[[dict, dict], Any]  # (specs, resume) -> the chip stream's thread, not started
+    scaling_ready: Callable[[], object]  # waits for the groups' scaling; raises its error
+    close: Callable[[], object]
+
+
 class RunController:
     """Plans per-group work, launches it, watches it and publishes each date group when done.
 
@@ -372,46 +390,31 @@ class RunController:
         """Run every claimed group to publication; returns the run's metrics."""
         if not self.todo:
             return self.metrics
-        import ray
-
-        from raysam import tasks
         from raysam.groupjob import GroupJob
+        from raysam.inprocess import runs_in_process
         from raysam.layout import GroupSpec
-        from raysam.pipeline import chip_dataset, model_source_for
-        from raysam.runstats import STATS_ACTOR, RunStats
-        from raysam.scheduler import TaskQueue
-        from raysam.signing import signer_spec
         from raysam.storage.publish import publisher_for
 
         t0 = time.perf_counter()
         root = self.prepared.root
-        init_ray(self.cfg.ray)
-        node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
-        self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
-        stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
-        publisher = publisher_for(root)
-        self.queue = queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
-        base = manifest_base(cfg, self.prepared)
-        signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
-        # A stretch reads each group's items (a task per group, on a worker). The chip stream starts
-        # without waiting for it: its read tasks wait for their group's scaling, while Ray Data
-        # starts and the SAM actors load the model. Any other scaling is the config's own.
-        scaling = {g.group.id: (tasks.group_scaling.remote(cfg.chip.scaling, g.group, signer, cfg.network)
-                                if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
+        backend: _Backend | None = None
         jobs: list[GroupJob] = self.jobs
         try:
+            backend = self._in_process() if runs_in_process(self.cfg, self.todo) else self._on_ray()
+            cfg, self.queue = self.cfg, backend.queue
+            publisher = publisher_for(root)
+            base = {**manifest_base(cfg, self.prepared), "executor": backend.name}
             for i, g in enumerate(self.todo):
                 spec = GroupSpec(g.group, root, g.fingerprint, g.out_dir, publisher.begin(root, g.out_dir), g.work_dir,
                                  chip_bands(cfg), cfg.chip.spatial_overlap)
-                jobs.append(GroupJob(i, g, spec, cfg, queue, publisher, stats, base, self._published))
+                jobs.append(GroupJob(i, g, spec, cfg, backend.queue, publisher, backend.stats, base, self._published))
             specs = {job.group_id: job.spec for job in jobs}
             resume = {g.group.id: g.chips_checkpointed > 0 for g in self.todo}
-            self.stream = stream = ChipStream(chip_dataset(specs, cfg, scaling,
-                                                            model_source_for(cfg, self.prepared.model_dir), resume))
+            self.stream = stream = backend.chip_stream(specs, resume)
             stream.start()
-            ray.get([ref for ref in scaling.values() if isinstance(ref, ray.ObjectRef)])  # its error, in one line
+            backend.scaling_ready()
             jobs[0].activate()
-            self._watch(jobs, stream, stats, queue)
+            self._watch(jobs, stream, backend.stats, backend.queue)
         except BaseException as err:
             self.abort()
             if self.kept and not isinstance(err, KeyboardInterrupt):  # a stop says it in its own line
@@ -420,9 +423,63 @@ class RunController:
             raise
         finally:
             self.progress.close()
-            ray.kill(stats)  # each run (each job of a multirun sweep) counts afresh
+            if backend is not None:
+                backend.close()  # each run (each job of a multirun sweep) counts afresh
         self.metrics["pipeline_s"] = time.perf_counter() - t0
         return self.metrics
+
+    def _on_ray(self) -> _Backend:
+        """Start (or connect to) Ray: the stats actor, the task queue, the chip stream through Ray Data."""
+        import ray
+
+        from raysam import tasks
+        from raysam.pipeline import chip_dataset, model_source_for
+        from raysam.runstats import STATS_ACTOR, RunStats
+        from raysam.scheduler import TaskQueue
+        from raysam.signing import signer_spec
+
+        init_ray(self.cfg.ray)
+        node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+        self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
+        stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
+        queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
+        # A stretch reads each group's items (a task per group, on a worker). The chip stream starts
+        # without waiting for it: its read tasks wait for their group's scaling, while Ray Data
+        # starts and the SAM actors load the model. Any other scaling is the config's own.
+        scaling = {g.group.id: (tasks.remote_task(tasks.group_scaling).remote(cfg.chip.scaling, g.group, signer, cfg.network)
+                                if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
+        model = model_source_for(cfg, self.prepared.model_dir)
+        return _Backend(
+            "ray", stats, queue,
+            chip_stream=lambda specs, resume: ChipStream(chip_dataset(specs, cfg, scaling, model, resume)),
+            scaling_ready=lambda: ray.get([r for r in scaling.values() if isinstance(r, ray.ObjectRef)]),  # its error
+            close=lambda: ray.kill(stats))
+
+    def _in_process(self) -> _Backend:
+        """A run without Ray (:mod:`raysam.inprocess`): in-process stats, queue and chip stream."""
+        from raysam import tasks
+        from raysam.inprocess import InProcessChips
+        from raysam.runstats import InProcessActor, RunCounters, use_in_process
+        from raysam.scheduler import InProcessQueue
+        from raysam.signing import signer_spec
+
+        cfg = self.cfg
+        log.info("at most %d chips to segment (ray.in_process_max_chips): the run goes in this process, without Ray",
+                 cfg.ray.in_process_max_chips)
+        stats = InProcessActor(RunCounters())
+        use_in_process(stats)
+        try:
+            signer = signer_spec(cfg.stac)
+            scaling = {g.group.id: (tasks.group_scaling(cfg.chip.scaling, g.group, signer, cfg.network)
+                                    if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
+        except BaseException:
+            use_in_process(None)
+            raise
+        return _Backend(
+            "in-process", stats, InProcessQueue(),
+            chip_stream=lambda specs, resume: InProcessChips(specs, cfg, scaling, self.prepared.model_dir, resume, stats),
+            scaling_ready=lambda: None, close=lambda: use_in_process(None))
 
     def abort(self) -> None:
         """Cancel the run's tasks and drop what its unfinished groups wrote, keeping their chip

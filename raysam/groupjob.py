@@ -33,7 +33,7 @@ from raysam.grid import chip_rows
 from raysam.layout import (ITEM, LABELS_STYLE, LABELS_TIF, LABELS_VRT, MANIFEST, S2_DIR, GroupSpec, label_tile,
                            polygon_part, s2_tif, s2_tile, s2_vrt)
 from raysam.plan import GroupPlan
-from raysam.scheduler import TaskQueue
+from raysam.scheduler import InProcessQueue, TaskQueue
 from raysam.signing import signer_spec
 from raysam.sinks.labels import LABEL_DESCRIPTION, LABEL_NODATA
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
@@ -87,7 +87,7 @@ class GroupJob:
         on_published: called with the group's manifest once it is published.
     """
 
-    def __init__(self, index: int, plan: GroupPlan, spec: GroupSpec, cfg: RunConfig, queue: TaskQueue,
+    def __init__(self, index: int, plan: GroupPlan, spec: GroupSpec, cfg: RunConfig, queue: TaskQueue | InProcessQueue,
                  publisher: LocalPublisher | ObjectStorePublisher, stats: Any, manifest_base: dict[str, Any],
                  on_published: Callable[[dict], None]):
         self.index, self.plan, self.spec, self.cfg = index, plan, spec, cfg
@@ -115,11 +115,11 @@ class GroupJob:
     def group_id(self) -> str:
         return self.spec.group.id
 
-    def _submit(self, stage_rank: int, start: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
-        self.queue.submit((self.index, stage_rank), start, on_done)
-
-    def _remote(self, fn: Any) -> Any:
-        return fn.options(num_cpus=self.cfg.ray.sink_cpus)
+    def _submit(self, stage_rank: int, on_done: Callable[[Any], None], fn: Any, *args: Any,
+                num_cpus: float | None = None) -> None:
+        """Queue ``fn(*args)`` (one of :mod:`raysam.tasks`), reserving ``ray.sink_cpus`` unless told."""
+        cpus = self.cfg.ray.sink_cpus if num_cpus is None else num_cpus
+        self.queue.submit((self.index, stage_rank), lambda: self.queue.call(fn, args, cpus), on_done)
 
     def _mark(self, stage: str) -> None:
         self.progress.wall_s[stage] = round(time.perf_counter() - (self.t_active or time.perf_counter()), 3)
@@ -137,8 +137,8 @@ class GroupJob:
             return
         bands = band_ids(self.cfg.output.s2_bands)
         for tile in self.tiles:
-            self._submit(3, lambda t=tile: self._remote(tasks.write_s2_tile).remote(
-                self.spec, t, bands, self.frame, signer_spec(self.cfg.stac), self.cfg.network), self._s2_written)
+            self._submit(3, self._s2_written, tasks.write_s2_tile, self.spec, tile, bands, self.frame,
+                         signer_spec(self.cfg.stac), self.cfg.network)
 
     def observe(self, rows_planned: int, chips_planned: int, chips_done: int) -> None:
         """Progress from :meth:`raysam.runstats.RunStats.progress`; starts the merge when all chips are in."""
@@ -160,8 +160,7 @@ class GroupJob:
             self._start_writing()
             return
         for cell in self.cells:
-            self._submit(0, lambda c=cell: self._remote(tasks.merge_cell).remote(self.spec, c, self.merge_params),
-                         self._cell_merged)
+            self._submit(0, self._cell_merged, tasks.merge_cell, self.spec, cell, self.merge_params)
 
     def _cell_merged(self, result: CellMerged) -> None:
         self.progress.merged[result.cell] = result
@@ -172,8 +171,7 @@ class GroupJob:
         if pending:
             log.warning("date group %s: %d merge decisions outgrew the halo; widening it", self.group_id, len(pending))
             self.stage = Stage.RESOLVING
-            self._submit(0, lambda: self._remote(tasks.resolve_group).remote(self.spec, pending, self.merge_params),
-                         self._resolved)
+            self._submit(0, self._resolved, tasks.resolve_group, self.spec, pending, self.merge_params)
             return
         self._resolved(())
 
@@ -196,8 +194,8 @@ class GroupJob:
             tiles = tuple(tiles_by_cell.get(cell, ()))
             needed = {cell} | {c for t in tiles for c in self.tiling.cells_touching(self.tiling.tile_window(t))}
             first_ids = {c: ids.first_id[c] for c in needed if c in ids.first_id}
-            self._submit(1, lambda c=cell, f=first_ids, t=tiles: self._remote(tasks.write_cell).remote(
-                self.spec, c, f, ids.resolved_kept, self.datetime_utc, t, self.frame), self._cell_written)
+            self._submit(1, self._cell_written, tasks.write_cell, self.spec, cell, first_ids, ids.resolved_kept,
+                         self.datetime_utc, tiles, self.frame)
 
     def _cell_written(self, result: Any) -> None:
         self.progress.cells_written += 1
@@ -224,8 +222,7 @@ class GroupJob:
         finals = self._write_mosaics()
         self.progress.finals_left = len(finals)
         for kind, args in finals:
-            self._submit(2, lambda k=kind, a=args: self._remote(tasks.finalize).remote(k, self.spec, *a),
-                         self._final_written)
+            self._submit(2, self._final_written, tasks.finalize, kind, self.spec, *args)
         if not finals:
             self._publish()
 
@@ -286,7 +283,7 @@ class GroupJob:
         update_collection(root.storage, self.spec.out_dir.rsplit("/", 1)[0], **collection)
         self.on_published(manifest)  # releases the lock
         # The work directory goes in a task (a crash before it is done is tidied by the next run).
-        self._submit(4, lambda: tasks.delete_tree.options(num_cpus=0).remote(root, self.spec.work_dir), lambda _: None)
+        self._submit(4, lambda _: None, tasks.delete_tree, root, self.spec.work_dir, num_cpus=0)
 
     def _published(self) -> PublishedGroup:
         """What the group published, for its STAC item."""

@@ -34,7 +34,8 @@ from raysam.grid import DEFAULT_CHIP_SIZE
 from raysam.layout import GroupSpec
 from raysam.model_source import ModelSource
 from raysam.preflight import READ_TASK_MEMORY_BYTES
-from raysam.runstats import STATS_ACTOR, process_info, reset_peak
+from raysam.runstats import process_info, reset_peak, run_stats
+from raysam.tasks import worker_signer
 
 # Test and demo knob: seconds each SAM actor sleeps per chip (default 0). Fault-injection tests
 # set it so that "mid-run" (a node removed, an actor killed) is a wide window, not a race.
@@ -109,42 +110,33 @@ def configure_retries(ctx: Any, ray_cfg: RayConfig) -> None:
     ctx.max_errored_blocks = 0
 
 
-def _stats() -> Any:
-    return ray.get_actor(STATS_ACTOR)
+def plan_row(spec: GroupSpec, row: int, resume: bool, stats: Any) -> list:
+    """The chip tasks of one chip row of a date group, less the chips of a resumed group whose
+    checkpoint is valid (reported to ``stats`` as resumed); the row is reported as planned."""
+    from raysam.grid import plan_chip_tasks
+
+    reset_peak()
+    tasks = list(plan_chip_tasks(spec.group, spec.chip_bands, spec.chip_px, spec.spatial_overlap, rows=[row]))
+    todo = []
+    for task in tasks:
+        outcome = checkpoint.resume_outcome(spec.root, spec.work_dir, task.chip_id, spec.fingerprint,
+                                            spec.group.id) if resume else None
+        if outcome is None:
+            todo.append(task)
+        else:
+            stats.chip_resumed.remote(spec.group.id, records.chip_key(task.chip_id), asdict(outcome))
+    stats.row_planned.remote(spec.group.id, row, len(tasks), process_info("plan"))
+    return todo
 
 
 def plan_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], resume: Mapping[str, bool]) -> dict:
-    """(date group, chip row) -> that row's chip tasks, so the driver never holds the chip list.
-
-    Chips of a resumed group whose checkpoint is valid are reported as resumed, not emitted.
-    """
-    from raysam.grid import plan_chip_tasks
-
-    stats = _stats()
-    blobs = []
-    for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True):
-        reset_peak()
-        spec = specs[str(gid)]
-        tasks = list(plan_chip_tasks(spec.group, spec.chip_bands, spec.chip_px, spec.spatial_overlap, rows=[int(row)]))
-        for task in tasks:
-            outcome = checkpoint.resume_outcome(spec.root, spec.work_dir, task.chip_id, spec.fingerprint,
-                                                spec.group.id) if resume[str(gid)] else None
-            if outcome is None:
-                blobs.append(pickle.dumps(task))
-            else:
-                stats.chip_resumed.remote(spec.group.id, records.chip_key(task.chip_id), asdict(outcome))
-        stats.row_planned.remote(spec.group.id, int(row), len(tasks), process_info("plan"))
+    """(date group, chip row) -> that row's chip tasks (:func:`plan_row`), so the driver never holds the chip list."""
+    stats = run_stats()
+    blobs = [pickle.dumps(task) for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True)
+             for task in plan_row(specs[str(gid)], int(row), resume[str(gid)], stats)]
     out = np.empty(len(blobs), object)
     out[:] = blobs
     return {"task": out}
-
-
-@functools.lru_cache(maxsize=4)
-def _signer(stac_cfg: Any) -> Any:
-    """One href signer per worker process, so signed tokens are reused across chips."""
-    from raysam.signing import make_href_signer
-
-    return make_href_signer(stac_cfg)
 
 
 @functools.lru_cache(maxsize=16)
@@ -157,31 +149,39 @@ def _scaling(spec: Any) -> Any:
     return _resolved(spec) if isinstance(spec, ray.ObjectRef) else spec
 
 
-def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.ShardTarget], scaling: dict, signer_cfg: Any,
-               max_cloud_fraction: float, network: Any = None) -> dict:
-    """Chip tasks -> chip pixels (RGB uint8 + valid mask); a skipped chip is checkpointed as skipped."""
+def read_one(task: Any, shard: checkpoint.ShardTarget, scaling: Any, signer: Any, max_cloud_fraction: float,
+             network: Any, stats: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """One chip's pixels, (RGB uint8, valid mask), reported to ``stats`` as read; None for a chip
+    skipped (cloud, no data), which is checkpointed as skipped with its reason."""
     from raysam.read import read_chip
 
-    stats = _stats()
-    signer = _signer(signer_cfg)
+    reset_peak()
+    t0 = time.perf_counter()
+    result = read_chip(task, signer=signer, scaling=scaling, max_cloud_fraction=max_cloud_fraction, network=network)
+    chip = records.chip_key(task.chip_id)
+    if getattr(result, "rgb", None) is None:
+        shard.write(checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SKIPPED, result.reason), records.empty_records())
+        stats.chip_skipped.remote(task.date_group_id, chip, result.reason, time.perf_counter() - t0, process_info("read"))
+        return None
+    stats.chip_read.remote(task.date_group_id, chip, time.perf_counter() - t0, process_info("read"))
+    return result.rgb, result.valid & ~result.cloud
+
+
+def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.ShardTarget], scaling: dict, signer_cfg: Any,
+               max_cloud_fraction: float, network: Any = None) -> dict:
+    """Chip tasks -> chip pixels (RGB uint8 + bit-packed valid mask), by :func:`read_one`."""
+    stats = run_stats()
+    signer = worker_signer(signer_cfg)
     out: dict[str, list] = {"task": [], "rgb": [], "valid_bits": []}
     for blob in batch["task"]:
         task = pickle.loads(blob)
-        reset_peak()
-        t0 = time.perf_counter()
-        result = read_chip(task, signer=signer, scaling=_scaling(scaling[task.date_group_id]), max_cloud_fraction=max_cloud_fraction,
-                           network=network)
-        chip = records.chip_key(task.chip_id)
-        if getattr(result, "rgb", None) is None:
-            outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SKIPPED, result.reason)
-            shards[task.date_group_id].write(outcome, records.empty_records())
-            stats.chip_skipped.remote(task.date_group_id, chip, result.reason, time.perf_counter() - t0,
-                                      process_info("read"))
+        pixels = read_one(task, shards[task.date_group_id], _scaling(scaling[task.date_group_id]), signer,
+                          max_cloud_fraction, network, stats)
+        if pixels is None:
             continue
-        stats.chip_read.remote(task.date_group_id, chip, time.perf_counter() - t0, process_info("read"))
         out["task"].append(blob)
-        out["rgb"].append(result.rgb)
-        out["valid_bits"].append(np.packbits(result.valid & ~result.cloud))
+        out["rgb"].append(pixels[0])
+        out["valid_bits"].append(np.packbits(pixels[1]))
     if not out["task"]:
         return {"task": np.empty(0, object), "rgb": np.empty((0, 1, 1, 3), np.uint8), "valid_bits": np.empty((0, 1), np.uint8)}
     tasks = np.empty(len(out["task"]), object)
@@ -206,15 +206,43 @@ def lower_cpu_priority(by: int) -> None:
             pass
 
 
+class ChipSegmenter:
+    """Segments chips with a loaded generator and checkpoints each chip's MaskRecords at once.
+
+    ``RAYSAM_SAM_CHIP_DELAY_S`` (:data:`SAM_CHIP_DELAY_ENV`) makes it sleep that long per chip: a
+    throttle for fault-injection tests, 0 by default.
+    """
+
+    def __init__(self, generator: Any, shards: Mapping[str, checkpoint.ShardTarget], stats: Any):
+        self.generator, self.shards, self.stats = generator, shards, stats
+        self.delay_s = float(os.environ.get(SAM_CHIP_DELAY_ENV) or 0.0)
+
+    def segment(self, task: Any, rgb: np.ndarray, valid: np.ndarray) -> str:
+        """Segment one chip, checkpoint its records, report it; ``"<date group>/<chip>"``."""
+        reset_peak()
+        t0 = time.perf_counter()
+        masks = self.generator.generate_compact(rgb, valid)
+        chip_records = records.chip_records(task, masks, valid)
+        time.sleep(self.delay_s)
+        prompts = int(masks.n_prompts)
+        seconds = time.perf_counter() - t0
+        outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SEGMENTED, "", chip_records.num_rows,
+                                         prompts, round(seconds, 3))
+        self.shards[task.date_group_id].write(outcome, chip_records)
+        chip = records.chip_key(task.chip_id)
+        self.stats.chip_segmented.remote(task.date_group_id, chip, chip_records.num_rows, prompts, seconds,
+                                         process_info("sam"))
+        return f"{task.date_group_id}/{chip}"
+
+
 class SamStage:
-    """Actor: loads the ONNX encoder and decoder once, segments chips, checkpoints their MaskRecords.
+    """Actor: loads the ONNX encoder and decoder once, segments chips, checkpoints their MaskRecords
+    (:class:`ChipSegmenter`).
 
     Each model load is reported to :class:`~raysam.runstats.RunStats` (pid, node), so a restarted
     actor shows as one more load. ONNX Runtime gets ``threads`` intra-op threads (the actor's CPU
-    reservation, rounded up), not every core of the node. ``RAYSAM_SAM_CHIP_DELAY_S``
-    (:data:`SAM_CHIP_DELAY_ENV`) makes it sleep that long per chip: a throttle for
-    fault-injection tests, 0 by default. It runs :data:`SAM_NICE_STEP` nicer than the
-    other workers (:func:`lower_cpu_priority`).
+    reservation, rounded up), not every core of the node. It runs :data:`SAM_NICE_STEP` nicer
+    than the other workers (:func:`lower_cpu_priority`).
     """
 
     def __init__(self, model_source: ModelSource, amg_params: dict, device: str, shards: Mapping[str, checkpoint.ShardTarget],
@@ -223,31 +251,15 @@ class SamStage:
 
         lower_cpu_priority(SAM_NICE_STEP)  # before ONNX Runtime starts its threads: they inherit it
         self.model = load_model(model_source.materialise(), device=device, intra_op_threads=threads)
-        self.generator = AutomaticMaskGenerator(self.model, **amg_params)
-        self.shards = shards
-        self.delay_s = float(os.environ.get(SAM_CHIP_DELAY_ENV) or 0.0)
-        self.stats = _stats()
-        ray.get(self.stats.model_loaded.remote(os.getpid(), ray.get_runtime_context().get_node_id()))
+        stats = run_stats()
+        self.segmenter = ChipSegmenter(AutomaticMaskGenerator(self.model, **amg_params), shards, stats)
+        ray.get(stats.model_loaded.remote(os.getpid(), ray.get_runtime_context().get_node_id()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = []
         for blob, rgb, valid_bits in zip(batch["task"], batch["rgb"], batch["valid_bits"], strict=True):
-            task = pickle.loads(blob)
-            reset_peak()
-            t0 = time.perf_counter()
             valid = np.unpackbits(valid_bits, count=rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(bool)
-            masks = self.generator.generate_compact(rgb, valid)
-            chip_records = records.chip_records(task, masks, valid)
-            time.sleep(self.delay_s)
-            prompts = int(masks.n_prompts)
-            seconds = time.perf_counter() - t0
-            outcome = checkpoint.ChipOutcome(tuple(task.chip_id), checkpoint.SEGMENTED, "", chip_records.num_rows,
-                                             prompts, round(seconds, 3))
-            self.shards[task.date_group_id].write(outcome, chip_records)
-            chip = records.chip_key(task.chip_id)
-            self.stats.chip_segmented.remote(task.date_group_id, chip, chip_records.num_rows, prompts, seconds,
-                                             process_info("sam"))
-            done.append(f"{task.date_group_id}/{chip}")
+            done.append(self.segmenter.segment(pickle.loads(blob), rgb, valid))
         out = np.empty(len(done), object)
         out[:] = done
         return {"chip": out}

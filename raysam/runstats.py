@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 from typing import Any
 
 import ray
@@ -84,13 +85,16 @@ def reset_peak() -> None:
 
 
 def ask(ref: Any, timeout_s: float) -> Any:
-    """``ray.get(ref)`` of a call to the run's stats actor, bounded by ``ray.timeout_s``.
+    """``ray.get(ref)`` of a call to the run's stats actor, bounded by ``ray.timeout_s`` (the
+    answers of an :class:`InProcessActor`, which are values already, as they are).
 
     Raises:
         DataError: no answer in time (the cluster is overloaded, or lost the actor's node).
     """
     from raysam.errors import DataError
 
+    if not any(isinstance(r, ray.ObjectRef) for r in (ref if isinstance(ref, list) else [ref])):
+        return ref
     try:
         return ray.get(ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -108,7 +112,8 @@ def process_info(role: str) -> tuple[str, int, str, float, float]:
     peak, private = memory_mb()
     rss, _ = _rss_and_shmem()
     shared = rss - private
-    return (role, os.getpid(), ray.get_runtime_context().get_node_id(), peak, max(peak - shared, private))
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else IN_PROCESS_NODE
+    return (role, os.getpid(), node_id, peak, max(peak - shared, private))
 
 
 def _rss_and_shmem() -> tuple[float, float]:
@@ -124,10 +129,52 @@ def _rss_and_shmem() -> tuple[float, float]:
     return fields.get("VmRSS", 0) / 1024, fields.get("RssShmem", 0) / 1024
 
 
+class InProcessActor:
+    """An actor's stand-in for a run without Ray: ``handle.method.remote(*args)`` calls the method
+    of the wrapped object at once, one call at a time (as an actor would), and returns its value."""
+
+    def __init__(self, obj: Any):
+        self._obj, self._lock = obj, threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        method, lock = getattr(self._obj, name), self._lock
+
+        class _Call:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> Any:
+                with lock:
+                    return method(*args, **kwargs)
+
+        return _Call
+
+
+IN_PROCESS_NODE = "in-process"  # the node id a run without Ray reports
+_in_process: list[InProcessActor] = []  # the stats of the run going on in this process without Ray
+
+
+def use_in_process(stats: InProcessActor | None) -> None:
+    """Make ``stats`` the run's statistics for :func:`run_stats` in this process (None: Ray's actor again)."""
+    _in_process[:] = [stats] if stats is not None else []
+
+
+def run_stats() -> Any:
+    """The run's statistics: the :class:`RunStats` actor, or the run's :class:`InProcessActor`
+    when it runs without Ray.
+
+    Raises:
+        ValueError: there is no run going on (no actor of that name, or no Ray).
+    """
+    if _in_process:
+        return _in_process[0]
+    if not ray.is_initialized():
+        raise ValueError("no run is going on in this process")
+    return ray.get_actor(STATS_ACTOR)
+
+
 def report_peak(role: str) -> None:
     """Send the peak memory of the unit of work that just ran here to the run's :class:`RunStats`."""
     try:
-        stats = ray.get_actor(STATS_ACTOR)
+        stats = run_stats()
     except ValueError:  # used on its own (tests, notebooks): nothing to report to
         return
     stats.process_peak.remote(*process_info(role))
@@ -137,8 +184,11 @@ def object_store_totals() -> dict[str, int]:
     """The cluster's cumulative object-store spill/restore totals (bytes and objects).
 
     Ray has no public API for these; this asks a raylet for the global memory info as
-    ``ray memory --stats-only`` does. Returns an empty dict if that private API changes.
+    ``ray memory --stats-only`` does. Returns an empty dict if that private API changes, or
+    without Ray (a run in process has no object store).
     """
+    if not ray.is_initialized():
+        return {}
     try:
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
@@ -151,9 +201,9 @@ def object_store_totals() -> dict[str, int]:
             "restored_bytes": int(s.restored_bytes_total)}
 
 
-@ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})
-class RunStats:
-    """Idempotent per-chip counters, model loads and the peak memory of every process that ran our code."""
+class RunCounters:
+    """Idempotent per-chip counters, model loads and the peak memory of every process that ran our
+    code: the state of the :class:`RunStats` actor (or of an :class:`InProcessActor`)."""
 
     def __init__(self) -> None:
         self.planned: dict[str, dict[int, int]] = {}  # group -> chip row -> chips planned in it
@@ -268,3 +318,7 @@ class RunStats:
             for role in entry["roles"]:
                 by_role[role] = max(by_role.get(role, 0.0), entry[key])
         return dict(sorted(by_role.items()))
+
+
+# The run's statistics on a Ray cluster: an actor pinned to the head node.
+RunStats = ray.remote(num_cpus=0, resources={"node:__internal_head__": 0.001})(RunCounters)

@@ -7,6 +7,9 @@ runs. A group's back half goes in stages (cell merges, then cell writes, then th
 and between two of them it has nothing waiting for a moment: without that rule the next group's
 tiles took the free slots then, and the earlier group published later. Results come back to a
 callback on the driver; they are small (counts, windows, a few ids), never pixels or records.
+
+:class:`InProcessQueue` is the same queue for a run without Ray: it calls the tasks in the
+driver's thread, one per poll, in the same order.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ class TaskQueue:
         ``priority`` is ``(date group index, stage rank, ...)``, lowest first.
         """
         heapq.heappush(self._waiting, (priority, next(self._seq), start, on_done))
+
+    @staticmethod
+    def call(fn: Any, args: tuple, num_cpus: float) -> Any:
+        """Start ``fn(*args)`` (one of :mod:`raysam.tasks`) as a Ray task reserving ``num_cpus``: its ObjectRef."""
+        from raysam.tasks import remote_task
+
+        return remote_task(fn).options(num_cpus=num_cpus).remote(*args)
 
     @property
     def busy(self) -> bool:
@@ -82,3 +92,37 @@ class TaskQueue:
         if refs:
             with contextlib.suppress(Exception):
                 ray.wait(refs, num_returns=len(refs), timeout=self.CANCEL_WAIT_S)
+
+
+class InProcessQueue:
+    """:class:`TaskQueue` for a run without Ray: each poll calls the first waiting task (lowest
+    priority) in the calling thread and hands its value to its callback."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[tuple, int, Callable[[], Any], Callable[[Any], None]]] = []
+        self._seq = itertools.count()
+
+    def submit(self, priority: tuple, start: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
+        """Queue a task: ``start()`` runs it (returns its value); ``on_done(value)`` gets it."""
+        heapq.heappush(self._waiting, (priority, next(self._seq), start, on_done))
+
+    @staticmethod
+    def call(fn: Any, args: tuple, num_cpus: float) -> Any:  # noqa: ARG004 - TaskQueue's signature
+        """Run ``fn(*args)`` now: its value."""
+        return fn(*args)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting)
+
+    def poll(self, timeout_s: float) -> int:  # noqa: ARG002 - TaskQueue's signature
+        """Run the first waiting task; how many ran (0 or 1). A task's exception is raised here."""
+        if not self._waiting:
+            return 0
+        _, _, start, on_done = heapq.heappop(self._waiting)
+        on_done(start())
+        return 1
+
+    def cancel(self) -> None:
+        """Drop the waiting tasks."""
+        self._waiting.clear()

@@ -5,18 +5,21 @@
 The same chips (demo region, both dates, demo model) go through
 (a) the bare loop in this process: plan -> read_chip -> generate_compact -> MaskRecords, one chip
     after another, nothing else (no merge, no sinks), timed after the model is loaded; and
-(b) the whole run in a fresh process (``python -m raysam.run region=demo model=demo``): Ray start,
-    reads, SAM actor pool, chip checkpoints, per-cell merge and the segmentation_mask sinks
+(b) the whole run in a fresh process (``python -m raysam.run region=demo model=demo``), as it
+    runs by default: reads, SAM, chip checkpoints, per-cell merge and the segmentation_mask sinks
     (label tiles and mosaic, GeoParquet parts and single files), publishing. Its wall time is
-    the process's, start to exit.
+    the process's, start to exit. The demo's 16 chips run in process, without Ray (at most
+    ``ray.in_process_max_chips``, 64, chips on this machine: :mod:`raysam.inprocess`); the
+    steady-state run's chips go through Ray (start, Ray Data, the SAM actor pool, Ray tasks).
 It prints chips/s for both and pipeline / bare, twice: on the demo's 16 chips (goal >= 0.8) and on
 the same region planned with ``spatial_overlap`` 0.93, about 160 chips, where the start-up of
 Ray and the model is amortised (steady state; goal >= 0.9). The two sides run alternately,
-the bare loop first, so both see the same machine.
+the bare loop first, so both see the same machine. Each line names the executor the run used
+(its manifests' ``executor``).
 
-A third line (information, not a goal) runs the demo's 16 chips again against a Ray instance
-already running on this machine (``ray start --head``, then ``RAY_ADDRESS``), as under
-``ray job submit``: the run's wall without Ray's own start and stop, against the same bare loop.
+Two more lines (information, not goals) run the demo's 16 chips on Ray: started by the run
+(``ray.in_process_max_chips=0``), and already running on this machine (``ray start --head``,
+then ``RAY_ADDRESS``), as under ``ray job submit``; both against the same bare loop.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def pipeline_run(overrides: list[str], out: Path, env: dict[str, str] | None = N
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     manifests = [json.loads(p.read_text()) for p in sorted(out.glob("demo/*/*/manifest.json"))]
-    return {"wall_s": wall, "chips": sum(m["counts"]["chips_segmented"] for m in manifests)}
+    return {"wall_s": wall, "chips": sum(m["counts"]["chips_segmented"] for m in manifests),
+            "executor": "/".join(sorted({m["executor"] for m in manifests}))}
 
 
 @contextlib.contextmanager
@@ -111,9 +115,9 @@ def report(name: str, chips: int, bare_s: float, pipe: dict, goal: float | None)
     assert pipe["chips"] == chips, f"{name}: the pipeline segmented {pipe['chips']} chips, the loop {chips}"
     ratio = (pipe["chips"] / pipe["wall_s"]) / (chips / bare_s)
     verdict = "(information)" if goal is None else f"(goal >= {goal}) {'PASS' if ratio >= goal else 'FAIL'}"
-    print(f"{name:>12}: bare {chips} chips in {bare_s:6.1f} s = {chips / bare_s:.3f} chips/s | pipeline (process "
-          f"wall) {pipe['wall_s']:6.1f} s = {pipe['chips'] / pipe['wall_s']:.3f} chips/s | ratio {ratio:.2f} "
-          f"{verdict}", flush=True)
+    print(f"{name:>17}: bare {chips} chips in {bare_s:6.1f} s = {chips / bare_s:.3f} chips/s | pipeline "
+          f"({pipe['executor']}, process wall) {pipe['wall_s']:6.1f} s = {pipe['chips'] / pipe['wall_s']:.3f} chips/s | "
+          f"ratio {ratio:.2f} {verdict}", flush=True)
     return ratio
 
 
@@ -137,6 +141,7 @@ def main() -> None:
         pipeline_run(overrides, Path(tmp) / "warm")  # builds the demo catalog and model once, warms caches
         chips, bare_s = compare("demo", overrides, Path(tmp), 0.8)
         compare("steady", [*overrides, f"sam.spatial_overlap={args.steady_overlap}"], Path(tmp), 0.9)
+        report("demo, Ray", chips, bare_s, pipeline_run([*overrides, "ray.in_process_max_chips=0"], Path(tmp) / "ray"), None)
         with running_ray(Path(tmp)) as env:
             report("demo, Ray running", chips, bare_s, pipeline_run(overrides, Path(tmp) / "attached", env), None)
 

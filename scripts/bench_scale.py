@@ -16,7 +16,8 @@ output root; this script only watches it (``/proc``, the output root, the manife
   CPU-seconds over the run (``/proc/stat``: every process on the machine, ours or not), and, less
   noisy on a shared machine, as a share of the run's own process tree (sampled every poll);
 * peak memory per role (manifests: ``counts.resources.peak_private_mb``; the driver's
-  ``peak_rss_mb``) against the demo region run with the same settings in this script;
+  ``peak_rss_mb``) against the demo region run with the same settings in this script (both on
+  Ray: ``ray.in_process_max_chips=0``, or the demo's 16 chips would run in one process);
 * the back half's wall per group (``timings_s.wall_since_start``: chips -> finalize) with
   ``ray.sink_tasks=2`` and, unless ``--skip-sink-sweep``, ``ray.sink_tasks=1``;
 * chips and masks per group, and one summary table with each goal of issue 10 and PASS/FAIL.
@@ -391,7 +392,9 @@ def main() -> None:
     args = parser.parse_args()
 
     info = scale_catalog(args.data.resolve(), args.tile_px)
-    common = ["model=demo", f"sam.points_per_side={args.points_per_side}", "sam.points_per_batch=16", *args.set]
+    # Both regions run on Ray, so every role is its own process (the demo's 16 chips would run in process).
+    common = ["model=demo", f"sam.points_per_side={args.points_per_side}", "sam.points_per_batch=16",
+              "ray.in_process_max_chips=0", *args.set]
     west, south, east, north = info.aoi_wgs84
     server = serve_catalog(info.root, port := free_port())
     scale_region = ["region=demo", f"region.name=scale{args.tile_px}", f"region.geometry='{west},{south},{east},{north}'",

@@ -157,9 +157,9 @@ def test_ray_cell_tasks_equal_one_global_merge(checkpointed):
     start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cells = spec.tiling.cells_in(spec.group.grid, spec.group.aoi_utm)
-        merged = ray.get([tasks.merge_cell.remote(spec, cell, params) for cell in cells])
+        merged = ray.get([tasks.remote_task(tasks.merge_cell).remote(spec, cell, params) for cell in cells])
         pending = tuple(u for m in merged for u in m.unresolved_uids)
-        resolved = ray.get(tasks.resolve_group.remote(spec, pending, params))
+        resolved = ray.get(tasks.remote_task(tasks.resolve_group).remote(spec, pending, params))
     finally:
         ray.shutdown()
     assert _kept(spec, merged, resolved) == expected

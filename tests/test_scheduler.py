@@ -6,7 +6,7 @@ import time
 
 import ray
 
-from raysam.scheduler import TaskQueue
+from raysam.scheduler import InProcessQueue, TaskQueue
 
 
 @ray.remote(num_cpus=0)
@@ -59,3 +59,34 @@ def test_tasks_of_one_group_share_the_slots(ray_local):
     _drain(queue)
     assert sorted(finished) == ["a", "b", "c"]
 
+
+
+def test_the_in_process_queue_runs_one_task_per_poll_earliest_group_first():
+    """Without Ray, tasks run in the polling thread in priority order, a task queued from a
+    callback (the group's next stage) included; callbacks get the values."""
+    queue = InProcessQueue()
+    ran: list[str] = []
+
+    def task(name: str) -> str:
+        ran.append(name)
+        return name.upper()
+
+    def submit(priority: tuple, name: str) -> None:
+        queue.submit(priority, lambda: queue.call(task, (name,), 0.25), done)
+
+    got: list[str] = []
+
+    def done(value: str) -> None:
+        got.append(value)
+        if value == "G0-MERGE":
+            submit((0, 1), "g0-write")
+
+    submit((1, 3), "g1-tile")
+    submit((0, 0), "g0-merge")
+    assert ran == []  # nothing runs before a poll
+    assert queue.poll(0) == 1 and ran == ["g0-merge"]
+    while queue.busy:
+        queue.poll(0)
+    assert ran == ["g0-merge", "g0-write", "g1-tile"]
+    assert got == ["G0-MERGE", "G0-WRITE", "G1-TILE"]
+    assert queue.poll(0) == 0

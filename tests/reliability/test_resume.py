@@ -164,9 +164,10 @@ def test_output_paths_cannot_leave_the_root(tmp_path, part):
 # End to end: python -m raysam.run on the demo region (2 date groups)
 # ---------------------------------------------------------------------------------------------
 RUN_ARGS = ("region=demo", "model=demo", "sam.points_per_side=4")
-# Per-run accounting: timings, memory, and how the chips were split between this run and its checkpoints.
+# Per-run accounting: timings, memory, how the chips were split between this run and its checkpoints,
+# and whether it ran on Ray (with the SAM actors' CPUs it decided) or in process.
 VOLATILE_KEYS = ("timings_s", "finished_at", "chips_per_s", "root", "resources", "stage_cpu_s", "chips_segmented",
-                 "chips_resumed", "processing:datetime")
+                 "chips_resumed", "processing:datetime", "executor", "in_process_max_chips", "cpus_per_actor")
 
 
 def _command(demo_catalog, out: Path, hydra_dir: Path) -> list[str]:
@@ -266,17 +267,21 @@ def test_killed_run_resumes_to_the_same_outputs(concurrent_runs, demo_catalog, t
 
 
 @pytest.mark.slow
-def test_run_killed_mid_group_resumes_chip_by_chip(concurrent_runs, demo_catalog, tmp_path, run_env):
+@pytest.mark.parametrize("executor", ["in-process", "ray"])
+def test_run_killed_mid_group_resumes_chip_by_chip(concurrent_runs, demo_catalog, tmp_path, run_env, executor):
     """SIGKILL once half of the first date group's chips are checkpointed; the re-run segments only
-    the chips that have no checkpoint (counted by the run's stats) and writes the same outputs."""
+    the chips that have no checkpoint (counted by the run's stats) and writes the same outputs.
+    Both runs in process (the demo's 16 chips), or both on Ray (``ray.in_process_max_chips=0``)."""
     from raysam.pipeline import SAM_CHIP_DELAY_ENV
+
+    on_ray = ["ray.in_process_max_chips=0"] if executor == "ray" else []
 
     reference, (rc_a, _), _ = concurrent_runs
     assert rc_a == 0
     out = tmp_path / "out"
     chips_dir = lambda: next(out.glob("demo/*/.work/demo_20240701/chips"), None)  # noqa: E731
     shards = lambda: sorted(p.name for p in chips_dir().glob("*.parquet")) if chips_dir() else []  # noqa: E731
-    killed = _start(demo_catalog, tmp_path, out, "killed", {**run_env, SAM_CHIP_DELAY_ENV: "0.5"})
+    killed = _start(demo_catalog, tmp_path, out, "killed", {**run_env, SAM_CHIP_DELAY_ENV: "0.5"}, *on_ray)
     try:
         _wait_for(lambda: len(shards()) >= 4, killed, "half of the first date group's chips were checkpointed")
         at_kill = len(shards())
@@ -287,7 +292,7 @@ def test_run_killed_mid_group_resumes_chip_by_chip(concurrent_runs, demo_catalog
     assert 4 <= at_kill <= len(kept) <= 8, (at_kill, kept)
     assert not [p for p in _group_dirs(out) if (p / MARKER).exists()]  # nothing was published
 
-    resumed = _start(demo_catalog, tmp_path, out, "resumed", run_env)
+    resumed = _start(demo_catalog, tmp_path, out, "resumed", run_env, *on_ray)
     rc = _finish(resumed)
     log_text = (tmp_path / "resumed.log").read_text()
     assert rc == 0, log_text[-3000:]
@@ -296,6 +301,7 @@ def test_run_killed_mid_group_resumes_chip_by_chip(concurrent_runs, demo_catalog
     counts = manifest["counts"]
     assert counts["chips_resumed"] == len(kept)
     assert counts["chips_segmented"] == counts["chips_planned"] - len(kept) <= 8 - at_kill
+    assert manifest["executor"] == executor
     _assert_same_outputs(reference, out)
 
 

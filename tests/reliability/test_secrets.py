@@ -59,18 +59,25 @@ def ray_tmp():
 
 
 @pytest.mark.slow
-def test_planted_key_is_in_no_file_the_run_writes(tmp_path, demo_catalog, ray_tmp):
+@pytest.mark.parametrize("executor", ["ray", "in-process"])
+def test_planted_key_is_in_no_file_the_run_writes(tmp_path, demo_catalog, ray_tmp, executor):
+    """On Ray (its logs, its workers' task arguments) and in process (a small run: no Ray at all)."""
     key = _planted_key()
+    on_ray = ["ray.in_process_max_chips=0"] if executor == "ray" else []
     result = _run(tmp_path, demo_catalog, "region=demo", "model=demo", "sam.points_per_side=4",
-                  f"region.geometry='{SMALL_AOI}'", ONE_DATE, f"stac.pc_key={key}", env={"RAY_TMPDIR": str(ray_tmp)})
+                  f"region.geometry='{SMALL_AOI}'", ONE_DATE, f"stac.pc_key={key}", *on_ray, env={"RAY_TMPDIR": str(ray_tmp)})
     assert result.returncode == 0, result.stderr[-3000:]
     manifests = list((tmp_path / "out").rglob("manifest.json"))
     assert len(manifests) == 1 and '"pc_key": "<redacted>"' in manifests[0].read_text()  # the key did reach the run
+    assert f'"executor": "{executor}"' in manifests[0].read_text()
     ray_logs = [p for p in ray_tmp.rglob("session_*/logs/*") if p.is_file()]
-    assert any(p.name.startswith("raylet") for p in ray_logs) and any("worker" in p.name for p in ray_logs)
+    if executor == "ray":
+        assert any(p.name.startswith("raylet") for p in ray_logs) and any("worker" in p.name for p in ray_logs)
+    else:
+        assert ray_logs == []
     assert list((tmp_path / "hydra" / ".hydra").glob("*.yaml"))
     hits, n_files = _files_holding(key, tmp_path, ray_tmp)
-    assert n_files > 50 and hits == [], hits
+    assert n_files > (50 if executor == "ray" else 10) and hits == [], hits
     assert key not in result.stdout + result.stderr
 
 

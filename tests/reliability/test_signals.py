@@ -180,9 +180,12 @@ def test_a_stop_while_reading_chips(tmp_path, demo_catalog, catalogs, hole):
 
 
 @pytest.mark.slow
-def test_a_stop_while_segmenting(tmp_path, demo_catalog):
+@pytest.mark.parametrize("executor", ["in-process", "ray"])
+def test_a_stop_while_segmenting(tmp_path, demo_catalog, executor):
+    """The demo date's 8 chips run in process; ``ray.in_process_max_chips=0`` puts them on Ray."""
+    on_ray = ["ray.in_process_max_chips=0"] if executor == "ray" else []
     with short_tmp_dir() as ray_tmp:
-        run = Run(tmp_path, demo_catalog, ONE_DATE, "sam.scaling=reflectance",
+        run = Run(tmp_path, demo_catalog, ONE_DATE, "sam.scaling=reflectance", *on_ray,
                   env={"RAY_TMPDIR": str(ray_tmp), "RAYSAM_SAM_CHIP_DELAY_S": "3"})
         wait_for(lambda: run.files("chips/*.parquet") or run.proc.poll() is not None, 240, "a chip checkpoint")
         line = _stopped(run, signal.SIGINT)
