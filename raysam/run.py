@@ -110,7 +110,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     prepared = prepare(cfg)
     if cfg.dry_run:
-        print(prepared.describe(cfg.ray))
+        from raysam.inprocess import runs_in_process
+
+        where = ("in this process, without Ray" if runs_in_process(cfg, prepared.plan.todo) else "on Ray")
+        print(f"{prepared.describe(cfg.ray)}\nthe run would go {where} (ray.in_process_max_chips="
+              f"{cfg.ray.in_process_max_chips})")
         return {"dry_run": True, "groups": len(prepared.plan.groups)}
     try:
         metrics = execute(cfg, prepared)

@@ -55,6 +55,10 @@ def test_dry_run_plans_without_reading_or_writing(tmp_path, demo_catalog):
     assert all(ln.endswith(": to do") for ln in groups)  # nothing published or checkpointed yet
     assert "to do: 2 date group(s), 16 chips to segment" in result.stdout
     assert any(ln.startswith("cost: no rate to estimate from") for ln in lines)  # nothing measured yet
+    assert lines[-1] == "the run would go in this process, without Ray (ray.in_process_max_chips=64)"
+    on_ray = raysam(tmp_path, demo_catalog, "region=demo", "model=demo", "dry_run=true", f"output.root={out}",
+                    "ray.in_process_max_chips=15")
+    assert on_ray.stdout.splitlines()[-1] == "the run would go on Ray (ray.in_process_max_chips=15)", on_ray.stderr
     assert not out.exists()
 
 
