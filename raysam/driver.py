@@ -352,7 +352,7 @@ class _Backend:
 
     name: str  # "ray" or "in-process", as the manifest says
     stats: Any  # the run's RunStats (actor handle or InProcessActor)
-    queue: Any  # TaskQueue or InProcessQueue
+    queue: Any  # TaskQueue (InProcessQueue in process)
     chip_stream: Callable[[dict, dict], Any]  # (specs, resume) -> the chip stream's thread, not started
     scaling_ready: Callable[[], object]  # waits for the groups' scaling; raises its error
     close: Callable[[], object]

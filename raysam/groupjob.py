@@ -33,7 +33,7 @@ from raysam.grid import chip_rows
 from raysam.layout import (ITEM, LABELS_STYLE, LABELS_TIF, LABELS_VRT, MANIFEST, S2_DIR, GroupSpec, label_tile,
                            polygon_part, s2_tif, s2_tile, s2_vrt)
 from raysam.plan import GroupPlan
-from raysam.scheduler import InProcessQueue, TaskQueue
+from raysam.scheduler import TaskQueue
 from raysam.signing import signer_spec
 from raysam.sinks.labels import LABEL_DESCRIPTION, LABEL_NODATA
 from raysam.sinks.mosaic import MosaicBand, vrt_xml
@@ -80,14 +80,14 @@ class GroupJob:
         plan: the group's plan (lock held).
         spec: what its tasks need (where to write).
         cfg: the run config.
-        queue: the driver's task queue.
+        queue: the driver's task queue (Ray tasks, or calls in process).
         publisher: how the group is published.
         stats: the run's :class:`~raysam.runstats.RunStats` actor.
         manifest_base: the run-level part of the manifest.
         on_published: called with the group's manifest once it is published.
     """
 
-    def __init__(self, index: int, plan: GroupPlan, spec: GroupSpec, cfg: RunConfig, queue: TaskQueue | InProcessQueue,
+    def __init__(self, index: int, plan: GroupPlan, spec: GroupSpec, cfg: RunConfig, queue: TaskQueue,
                  publisher: LocalPublisher | ObjectStorePublisher, stats: Any, manifest_base: dict[str, Any],
                  on_published: Callable[[dict], None]):
         self.index, self.plan, self.spec, self.cfg = index, plan, spec, cfg

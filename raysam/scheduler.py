@@ -94,26 +94,18 @@ class TaskQueue:
                 ray.wait(refs, num_returns=len(refs), timeout=self.CANCEL_WAIT_S)
 
 
-class InProcessQueue:
+class InProcessQueue(TaskQueue):
     """:class:`TaskQueue` for a run without Ray: each poll calls the first waiting task (lowest
-    priority) in the calling thread and hands its value to its callback."""
+    priority) in the calling thread and hands its value to its callback; ``start()`` returns
+    that value, not an ObjectRef."""
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[tuple, int, Callable[[], Any], Callable[[Any], None]]] = []
-        self._seq = itertools.count()
-
-    def submit(self, priority: tuple, start: Callable[[], Any], on_done: Callable[[Any], None]) -> None:
-        """Queue a task: ``start()`` runs it (returns its value); ``on_done(value)`` gets it."""
-        heapq.heappush(self._waiting, (priority, next(self._seq), start, on_done))
+        super().__init__(limit=1)
 
     @staticmethod
     def call(fn: Any, args: tuple, num_cpus: float) -> Any:  # noqa: ARG004 - TaskQueue's signature
         """Run ``fn(*args)`` now: its value."""
         return fn(*args)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._waiting)
 
     def poll(self, timeout_s: float) -> int:  # noqa: ARG002 - TaskQueue's signature
         """Run the first waiting task; how many ran (0 or 1). A task's exception is raised here."""
@@ -122,7 +114,3 @@ class InProcessQueue:
         _, _, start, on_done = heapq.heappop(self._waiting)
         on_done(start())
         return 1
-
-    def cancel(self) -> None:
-        """Drop the waiting tasks."""
-        self._waiting.clear()
