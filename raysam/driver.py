@@ -469,17 +469,16 @@ class RunController:
                  cfg.ray.in_process_max_chips)
         stats = InProcessActor(RunCounters())
         use_in_process(stats)
-        try:
+
+        def chip_stream(specs: dict, resume: dict) -> InProcessChips:
+            # A stretch reads each group's items here, once the groups are set up (a failure drops them).
             signer = signer_spec(cfg.stac)
-            scaling = {g.group.id: (tasks.group_scaling(cfg.chip.scaling, g.group, signer, cfg.network)
-                                    if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
-        except BaseException:
-            use_in_process(None)
-            raise
-        return _Backend(
-            "in-process", stats, InProcessQueue(),
-            chip_stream=lambda specs, resume: InProcessChips(specs, cfg, scaling, self.prepared.model_dir, resume, stats),
-            scaling_ready=lambda: None, close=lambda: use_in_process(None))
+            scaling = {gid: (tasks.group_scaling(cfg.chip.scaling, spec.group, signer, cfg.network)
+                             if cfg.chip.scaling.per_group else cfg.chip.scaling) for gid, spec in specs.items()}
+            return InProcessChips(specs, cfg, scaling, self.prepared.model_dir, resume, stats)
+
+        return _Backend("in-process", stats, InProcessQueue(), chip_stream=chip_stream, scaling_ready=lambda: None,
+                        close=lambda: use_in_process(None))
 
     def abort(self) -> None:
         """Cancel the run's tasks and drop what its unfinished groups wrote, keeping their chip
