@@ -99,4 +99,4 @@ def test_a_real_run_gives_the_rate_the_next_dry_run_estimates_from(demo_catalog,
     sam_s = counts["stage_cpu_s"]["sam"] / counts["chips_segmented"]
     assert todo == f"  demo_20240711: 1 chips, about {duration(wall_s)} wall, {duration(sam_s)} SAM time on CPUs", (
         todo, counts)
-    assert lines[-1].startswith(f"  based on {manifest_path} (finished ")
+    assert lines[-2].startswith(f"  based on {manifest_path} (finished ")  # the last says in process or on Ray
