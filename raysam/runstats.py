@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -137,15 +138,13 @@ class InProcessActor:
         self._obj, self._lock = obj, threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
-        method, lock = getattr(self._obj, name), self._lock
+        method = getattr(self._obj, name)
 
-        class _Call:
-            @staticmethod
-            def remote(*args: Any, **kwargs: Any) -> Any:
-                with lock:
-                    return method(*args, **kwargs)
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
 
-        return _Call
+        return SimpleNamespace(remote=remote)
 
 
 IN_PROCESS_NODE = "in-process"  # the node id a run without Ray reports
