@@ -280,7 +280,7 @@ class GroupJob:
                   "finished_at": manifest["finished_at"]}
         self.publisher.publish(root, self.spec.write_dir, self.spec.out_dir, marker)
         self.stage = Stage.PUBLISHED
-        update_collection(root.storage, self.spec.out_dir.rsplit("/", 1)[0], **collection)
+        update_collection(root, self.spec.out_dir.rsplit("/", 1)[0], **collection)
         self.on_published(manifest)  # releases the lock
         # The work directory goes in a task (a crash before it is done is tidied by the next run).
         self._submit(4, lambda _: None, tasks.delete_tree, root, self.spec.work_dir, num_cpus=0)

@@ -16,6 +16,7 @@ schema requires the model file as an asset of the item.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +31,9 @@ from shapely.geometry.base import BaseGeometry
 
 from raysam.sinks.style import LABEL_BAND_DESCRIPTION
 from raysam.storage.backends import Storage
-from raysam.storage.root import MARKER
+from raysam.storage.locks import held_briefly
+from raysam.storage.publish import publisher_for
+from raysam.storage.root import MARKER, OutputRoot
 
 ITEM_FILE = "item.json"
 COLLECTION_FILE = "collection.json"
@@ -38,6 +41,9 @@ PROCESSING_EXTENSION = "https://stac-extensions.github.io/processing/v1.2.0/sche
 MEDIA_VRT = "application/xml"  # a GDAL VRT is XML; there is no registered VRT media type
 MEDIA_QML = "application/xml"
 SOURCES_PROPERTY = "raysam:source_items"  # ids of the Sentinel-2 items the group was made from
+COLLECTION_LOCK_WAIT_S = 30.0  # a rewrite of collection.json waits this long for another run's
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -261,32 +267,43 @@ def group_item_json(group: PublishedGroup, collection_id: str) -> str:
     return json.dumps(_to_dict(group_item(group, collection_id)), indent=2, default=str)
 
 
-def update_collection(storage: Storage, collection_dir: str, *, collection_id: str, title: str,
+def update_collection(root: OutputRoot, collection_dir: str, *, collection_id: str, title: str,
                       description: str, license: str = "other") -> pystac.Collection | None:
     """(Re)write ``<collection_dir>/collection.json`` from the items of the published groups there.
 
     A group counts when its directory holds both ``item.json`` and the completion marker, so a
-    crashed or running group is never listed. Idempotent; call it after each publish. Two runs
-    updating one collection at once may each miss the other's newest item until the next call.
+    crashed or running group is never listed. Idempotent; call it after each publish. Runs that
+    share the collection take turns (its lock, ``.collection.json.lock``), so each rewrite sees
+    every group published before it; the one holding the lock removes the temporary files of a
+    rewrite that a killed run left behind.
 
     Args:
-        storage: the output root's storage (local or object store).
-        collection_dir: the parent of the group directories, on ``fs``.
+        root: the output root (local or object store).
+        collection_dir: the parent of the group directories, on ``root``.
         collection_id: the collection id (the items' ``collection``).
         title: a short title.
         description: what the collection is (CommonMark allowed).
         license: SPDX id or ``other`` (the default: Copernicus Sentinel data terms plus the model's).
 
     Returns:
-        The collection written, or None (nothing written) when no group is published yet.
+        The collection written, or None (nothing written) when no group is published yet, or
+        when another run held the lock for :data:`COLLECTION_LOCK_WAIT_S` (logged; its own
+        rewrite, or the next publish, lists this group).
     """
-    items = _published_items(storage, collection_dir)
-    if not items:
-        return None
-    collection = collection_from_items(items, collection_id=collection_id, title=title,
-                                       description=description, license=license)
-    storage.put_bytes(f"{collection_dir}/{COLLECTION_FILE}", json.dumps(_to_dict(collection), indent=2).encode())
-    return collection
+    path = f"{collection_dir}/{COLLECTION_FILE}"
+    with held_briefly(root, path, f"the collection {path}", COLLECTION_LOCK_WAIT_S) as held:
+        if not held:
+            log.warning("%s not rewritten: another run held its lock for %.0f s; the next publish rewrites it",
+                        path, COLLECTION_LOCK_WAIT_S)
+            return None
+        publisher_for(root).remove_leftovers(root, path)
+        items = _published_items(root.storage, collection_dir)
+        if not items:
+            return None
+        collection = collection_from_items(items, collection_id=collection_id, title=title,
+                                           description=description, license=license)
+        root.storage.put_bytes(path, json.dumps(_to_dict(collection), indent=2).encode())
+        return collection
 
 
 def collection_from_items(items: Mapping[str, pystac.Item], *, collection_id: str, title: str, description: str,

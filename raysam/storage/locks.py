@@ -32,6 +32,7 @@ CLAIM_ATTEMPTS = 3  # a stale lock is taken over at most this often before givin
 # driver pod) that nobody touched for LOCK_LEASE_S is stale. Ten renewals of slack.
 LOCK_RENEW_S = 60.0
 LOCK_LEASE_S = 600.0
+BRIEF_LOCK_POLL_S = 0.1  # how often held_briefly tries again while another run holds the lock
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,10 @@ def is_stale(owner: dict, age_s: float | None) -> bool:
     return isinstance(recorded, int | float) and abs(started - recorded) > 1.0
 
 
-def _held_message(group_id: str, path: str, owner: dict | None) -> str:
+def _held_message(what: str, path: str, owner: dict | None) -> str:
     who = "an unreadable lock" if owner is None else (
         f"pid {owner.get('pid')} on host {owner.get('host')} since {owner.get('created_at')}")
-    return (f"date group {group_id} is being written by another raysam run ({who}; lock file {path}): "
+    return (f"{what} is being written by another raysam run ({who}; lock file {path}): "
             f"wait for that run to finish, or if it is no longer running delete {path} and re-run")
 
 
@@ -95,13 +96,20 @@ def _read_owner(root: OutputRoot, path: str) -> dict | None:
         raise ConfigError(f"cannot read lock file {path}: {str(err).splitlines()[0]}") from None
 
 
-def claim(root: OutputRoot, group_id: str, group_dir: str) -> GroupLock:
+def claim(root: OutputRoot, group_id: str, group_dir: str, what: str | None = None) -> GroupLock:
     """Take the date group's lock, taking over a stale one; one line if another run holds it.
+
+    Args:
+        root: the output root.
+        group_id: the group's id (kept in the lock).
+        group_dir: the path the lock guards; its lock file is :func:`lock_path` of it.
+        what: how messages name it (default ``date group <group_id>``).
 
     Raises:
         ConfigError: a live run (or one on another host) holds the lock; names the lock file.
     """
     path = lock_path(group_dir)
+    what = what or f"date group {group_id}"
     token = uuid.uuid4().hex
     body = json.dumps(lock_owner(token), sort_keys=True).encode()
     storage = root.storage
@@ -113,11 +121,30 @@ def claim(root: OutputRoot, group_id: str, group_dir: str) -> GroupLock:
             continue  # released between our attempt and the read
         mtime = storage.mtime(path)
         if owner is None or not is_stale(owner, None if mtime is None else time.time() - mtime):
-            raise ConfigError(_held_message(group_id, path, owner))
+            raise ConfigError(_held_message(what, path, owner))
         storage.delete_if_unchanged(path, owner)
-        log.warning("date group %s: took over the stale lock %s of pid %s (that run is gone)",
-                    group_id, path, owner.get("pid"))
-    raise ConfigError(_held_message(group_id, path, _read_owner(root, path)))
+        log.warning("%s: took over the stale lock %s of pid %s (that run is gone)", what, path, owner.get("pid"))
+    raise ConfigError(_held_message(what, path, _read_owner(root, path)))
+
+
+@contextlib.contextmanager
+def held_briefly(root: OutputRoot, path: str, what: str, wait_s: float) -> Iterator[bool]:
+    """Hold the lock of ``path`` around a short write, waiting up to ``wait_s`` while a live run
+    holds it. Yields True while held, or False when it could not be had in time (nothing held)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock = claim(root, what, path, what)
+            break
+        except ConfigError:
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(BRIEF_LOCK_POLL_S)
+    try:
+        yield True
+    finally:
+        release(root, lock)
 
 
 def renew(root: OutputRoot, lock: GroupLock) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,8 +18,9 @@ import shapely
 from raysam.sinks.stac_output import (
     LABEL_BAND, Band, PolygonOutput, Processing, PublishedGroup, QuicklookOutput, RasterOutput, SourceItem,
     group_item, group_item_json, update_collection)
-from raysam.storage.backends import LocalStorage
-from raysam.storage.root import MARKER
+from raysam.sinks import stac_output
+from raysam.storage.locks import claim, lock_owner, release
+from raysam.storage.root import MARKER, OutputRoot
 from tests.sinks.validators import stac_validate
 
 GRID = (10.0, 0.0, 240_000.0, 0.0, -10.0, 4_640_000.0)
@@ -55,7 +59,7 @@ def _write_item(group: PublishedGroup, group_dir: Path) -> Path:
 
 
 def _update(collection_dir: Path):
-    return update_collection(LocalStorage(), str(collection_dir), collection_id="raysam-demo",
+    return update_collection(OutputRoot.open(str(collection_dir)), str(collection_dir), collection_id="raysam-demo",
                              title="raysam demo", description="Masks of the demo region.")
 
 
@@ -131,7 +135,8 @@ def test_stac_validation_is_offline_it_fails_without_the_local_schemas(tmp_path)
 
 def test_collection_lists_only_published_groups_and_updates_idempotently(tmp_path):
     root = tmp_path / "run"
-    assert _update(root) is None and not root.exists()  # nothing published: nothing written
+    assert _update(root) is None and not (root / "collection.json").exists()  # nothing published: nothing written
+    assert list(root.iterdir()) == []  # nor is a lock left
     _publish(root, _group("demo_20240701", 1))
     _publish(root, _group("demo_20240714", 14), marker=False)  # being written (or crashed)
     (root / ".demo_20240728.staging-x").mkdir()
@@ -146,6 +151,34 @@ def test_collection_lists_only_published_groups_and_updates_idempotently(tmp_pat
              if link["rel"] == "item"]
     assert hrefs == ["./demo_20240701/item.json", "./demo_20240714/item.json"]
     assert not list(root.glob("*.tmp-*"))
+
+
+def test_a_rewrite_removes_what_a_killed_rewrite_left_and_takes_over_its_lock(tmp_path):
+    root = tmp_path / "run"
+    _publish(root, _group("demo_20240701", 1))
+    (root / ".collection.json.tmp-0123456789ab").write_text("{\"half\": ")  # killed between write and rename
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = lock_owner("dead-run") | {"pid": int(dead.stdout)}  # that pid is gone now
+    (root / ".collection.json.lock").write_text(json.dumps(owner))
+    assert _update(root) is not None
+    assert sorted(p.name for p in root.iterdir()) == ["collection.json", "demo_20240701"]
+
+
+def test_a_rewrite_waits_for_another_runs_and_gives_up_after_the_wait(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "run"
+    _publish(root, _group("demo_20240701", 1))
+    out = OutputRoot.open(str(root))
+    held = claim(out, "collection", str(root / "collection.json"))  # a live run (this one) rewriting it
+    release_later = threading.Timer(0.5, release, (out, held))
+    release_later.start()
+    assert _update(root) is not None  # waited for it
+    assert not (root / ".collection.json.lock").exists()
+    monkeypatch.setattr(stac_output, "COLLECTION_LOCK_WAIT_S", 0.3)
+    (root / "collection.json").unlink()
+    held = claim(out, "collection", str(root / "collection.json"))
+    assert _update(root) is None and not (root / "collection.json").exists()
+    assert "not rewritten: another run held its lock" in caplog.text
+    release(out, held)
 
 
 @pytest.mark.parametrize("rel", ["collection", "parent", "root"])
