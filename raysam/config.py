@@ -141,7 +141,7 @@ class RayConfig:
     read_concurrency: int | None = None
     max_task_retries: int = 3
     object_store_gb: float | None = None
-    sink_tasks: int | None = None  # back-half tasks (merge cells, tiles) at once; None: as many as CPUs
+    sink_tasks: int | None = None  # back-half tasks (merge cells, tiles) at once; None: as many as fit (back_half_tasks)
     sink_cpus: float = 0.25  # CPUs each back-half task reserves
     timeout_s: float = 15.0  # connecting to ray.address; each call the driver makes to its stats actor
     autoscale_wait_s: float | None = None  # None: the cluster must already fit the run
@@ -182,6 +182,17 @@ class RayConfig:
             return self
         share = node_cpus / self.sam_actors
         return replace(self, cpus_per_actor=max(share - (self.read_cpus + self.sink_cpus) / self.sam_actors, share / 2))
+
+    def back_half_tasks(self, cluster_cpus: float) -> int:
+        """How many back-half tasks run at once: ``sink_tasks``, or when null as many as fit in
+        ``cluster_cpus`` beside the SAM actors and one chip read each (at least one). More would
+        take the reads' CPUs in Ray's accounting, and the SAM actors would wait for chips
+        (2 CPUs: SAM 1.5 + a read 0.25 leave one task of 0.25). Call on a :meth:`resolved` config.
+        """
+        if self.sink_tasks is not None:
+            return self.sink_tasks
+        free = cluster_cpus - self.sam_actors * ((self.cpus_per_actor or 0.0) + self.read_cpus)
+        return max(1, int(free / self.sink_cpus + 1e-9)) if self.sink_cpus > 0 else max(1, int(cluster_cpus))
 
 
 @dataclass(frozen=True)

@@ -442,12 +442,13 @@ class RunController:
         node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
         self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
         stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
-        queue = TaskQueue(cfg.ray.sink_tasks or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        queue = TaskQueue(cfg.ray.back_half_tasks(ray.cluster_resources().get("CPU", 1.0)))
         signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
         # A stretch reads each group's items (a task per group, on a worker). The chip stream starts
         # without waiting for it: its read tasks wait for their group's scaling, while Ray Data
         # starts and the SAM actors load the model. Any other scaling is the config's own.
-        scaling = {g.group.id: (tasks.remote_task(tasks.group_scaling).remote(cfg.chip.scaling, g.group, signer, cfg.network)
+        stretch = tasks.remote_task(tasks.group_scaling).options(num_cpus=cfg.ray.read_cpus)  # reads, as a chip's
+        scaling = {g.group.id: (stretch.remote(cfg.chip.scaling, g.group, signer, cfg.network)
                                 if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
         model = model_source_for(cfg, self.prepared.model_dir)
         return _Backend(

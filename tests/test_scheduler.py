@@ -90,3 +90,38 @@ def test_the_in_process_queue_runs_one_task_per_poll_earliest_group_first():
     assert ran == ["g0-merge", "g0-write", "g1-tile"]
     assert got == ["G0-MERGE", "G0-WRITE", "G1-TILE"]
     assert queue.poll(0) == 0
+
+
+@ray.remote
+class _Holder:
+    """Stands where a SAM actor stands in Ray's accounting: it holds its CPUs, doing nothing."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
+    """On 2 CPUs with the SAM actor's 1.5 (ray=local's resolution), as many back-half tasks as
+    :meth:`RayConfig.back_half_tasks` allows run at once, and a chip read still starts at once:
+    before, the queue started one per CPU (2 of 0.25) and the reads, which feed SAM, waited."""
+    from raysam.config import RayConfig
+
+    ray_cfg = RayConfig().resolved(2.0)
+    assert ray_cfg.cpus_per_actor == 1.5
+    limit = ray_cfg.back_half_tasks(ray.cluster_resources()["CPU"])
+    assert limit == 1
+    assert RayConfig(cpus_per_actor=4.0, read_cpus=1.0, sink_cpus=1.0, sam_actors=4).back_half_tasks(64.0) == 44
+    assert RayConfig(sink_tasks=3).back_half_tasks(2.0) == 3  # as configured
+    sam = _Holder.options(num_cpus=ray_cfg.cpus_per_actor).remote()
+    ray.get(sam.ready.remote(), timeout=60)
+    queue = TaskQueue(limit)
+    for k in range(3):
+        queue.submit((0, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(3.0, f"tile{k}"),
+                     lambda _: None)
+    queue.poll(0)
+    read = _sleep.options(num_cpus=ray_cfg.read_cpus).remote(0.0, "read")
+    t0 = time.monotonic()
+    assert ray.get(read, timeout=30) == "read"
+    assert time.monotonic() - t0 < 2.0, "the chip read waited for a back-half task's CPUs"
+    _drain(queue)
+    ray.kill(sam)
