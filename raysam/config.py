@@ -187,7 +187,9 @@ class RayConfig:
         """How many back-half tasks run at once: ``sink_tasks``, or when null as many as fit in
         ``cluster_cpus`` beside the SAM actors and one chip read each (at least one). More would
         take the reads' CPUs in Ray's accounting, and the SAM actors would wait for chips
-        (2 CPUs: SAM 1.5 + a read 0.25 leave one task of 0.25). Call on a :meth:`resolved` config.
+        (2 CPUs: SAM 1.5 + a read 0.25 leave one task of 0.25). Once every chip is segmented the
+        driver lets ``sink_tasks`` or one per CPU run (:meth:`raysam.scheduler.TaskQueue.chips_done`).
+        Call on a :meth:`resolved` config.
         """
         if self.sink_tasks is not None:
             return self.sink_tasks

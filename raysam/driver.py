@@ -442,7 +442,8 @@ class RunController:
         node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
         self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
         stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
-        queue = TaskQueue(cfg.ray.back_half_tasks(ray.cluster_resources().get("CPU", 1.0)))
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        queue = TaskQueue(cfg.ray.back_half_tasks(cpus), cfg.ray.sink_tasks or max(1, int(cpus)))
         signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
         # A stretch reads each group's items (a task per group, on a worker). The chip stream starts
         # without waiting for it: its read tasks wait for their group's scaling, while Ray Data
@@ -519,6 +520,8 @@ class RunController:
                 if job.group_id in progress:
                     job.observe(*progress[job.group_id])
                 previous_in = job.chips_in
+            if not stream.is_alive():
+                queue.chips_done()
             if queue.poll(POLL_S if queue.busy else 0) == 0 and not queue.busy:
                 time.sleep(POLL_S)
         stream.join(timeout=60)

@@ -2,7 +2,7 @@
 
 Date groups finish one after another, so a group's merge and sinks run ahead of the next group's
 Sentinel-2 tiles: tasks are started in priority order (``(group index, stage)``), at most
-``limit`` at a time (``ray.sink_tasks``), and none of a later group while one of an earlier group
+``limit`` at a time (``ray.sink_tasks``; more once every chip is segmented), and none of a later group while one of an earlier group
 runs. A group's back half goes in stages (cell merges, then cell writes, then the single files),
 and between two of them it has nothing waiting for a moment: without that rule the next group's
 tiles took the free slots then, and the earlier group published later. Results come back to a
@@ -26,8 +26,9 @@ import ray
 class TaskQueue:
     """Ray tasks waiting to start, and those running, with their completion callbacks."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, limit_after_chips: int | None = None):
         self.limit = max(1, int(limit))
+        self._limit_after_chips = max(self.limit, int(limit_after_chips or 0))
         self._waiting: list[tuple[tuple, int, Callable[[], Any], Callable[[Any], None]]] = []
         self._running: dict[Any, tuple[tuple, Callable[[Any], None]]] = {}  # ref -> (priority, on_done)
         self._seq = itertools.count()
@@ -45,6 +46,11 @@ class TaskQueue:
         from raysam.tasks import remote_task
 
         return remote_task(fn).options(num_cpus=num_cpus).remote(*args)
+
+    def chips_done(self) -> None:
+        """Every chip is segmented: no chip read needs CPUs any more, so the back half may take
+        them (``limit_after_chips``)."""
+        self.limit = self._limit_after_chips
 
     @property
     def busy(self) -> bool:

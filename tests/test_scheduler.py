@@ -114,9 +114,9 @@ def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
     assert RayConfig(sink_tasks=3).back_half_tasks(2.0) == 3  # as configured
     sam = _Holder.options(num_cpus=ray_cfg.cpus_per_actor).remote()
     ray.get(sam.ready.remote(), timeout=60)
-    queue = TaskQueue(limit)
-    for k in range(3):
-        queue.submit((0, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(3.0, f"tile{k}"),
+    queue = TaskQueue(limit, limit_after_chips=2)
+    for k in range(2):
+        queue.submit((0, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(2.0, f"tile{k}"),
                      lambda _: None)
     queue.poll(0)
     read = _sleep.options(num_cpus=ray_cfg.read_cpus).remote(0.0, "read")
@@ -124,4 +124,11 @@ def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
     assert ray.get(read, timeout=30) == "read"
     assert time.monotonic() - t0 < 2.0, "the chip read waited for a back-half task's CPUs"
     _drain(queue)
+    queue.chips_done()  # no more reads: the last group's back half takes both slots
+    for k in range(2):
+        queue.submit((1, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(1.5, f"cell{k}"),
+                     lambda _: None)
+    t0 = time.monotonic()
+    _drain(queue)
+    assert time.monotonic() - t0 < 2.5, "after the last chip, back-half tasks still ran one at a time"
     ray.kill(sam)
