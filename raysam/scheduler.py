@@ -2,10 +2,11 @@
 
 Date groups finish one after another, so a group's merge and sinks run ahead of the next group's
 Sentinel-2 tiles: tasks are started in priority order (``(group index, stage)``), at most
-``limit`` at a time (``ray.sink_tasks``; more once every chip is segmented), and none of a later group while one of an earlier group
-runs. A group's back half goes in stages (cell merges, then cell writes, then the single files),
-and between two of them it has nothing waiting for a moment: without that rule the next group's
-tiles took the free slots then, and the earlier group published later. Results come back to a
+``limit`` at a time (:meth:`raysam.config.RayConfig.back_half_tasks`; more once every chip is
+segmented), and none of a later group while one of an earlier group runs. A group's back half
+goes in stages (cell merges, then cell writes, then the single files), and between two of them it
+has nothing waiting for a moment: without that rule the next group's tiles took the free slots
+then, and the earlier group published later. Results come back to a
 callback on the driver; they are small (counts, windows, a few ids), never pixels or records.
 
 :class:`InProcessQueue` is the same queue for a run without Ray: it calls the tasks in the
