@@ -1,7 +1,7 @@
 """A small run on this machine without Ray: the same stages, in this process.
 
 Starting Ray (its daemons, Ray Data's executor and actors, a worker per stage that imports GDAL,
-Arrow and ONNX Runtime again) costs about 10 s of a 2-core machine before the first chip is
+Arrow and ONNX Runtime again) costs about 8 s of a 2-core machine before the first chip is
 segmented, more than a few dozen chips take. A run on this machine with at most
 ``ray.in_process_max_chips`` chips to segment therefore runs in process (:func:`runs_in_process`):
 :class:`InProcessChips` plans, reads and segments the chips in a thread (reads two chips ahead in
