@@ -445,11 +445,12 @@ class RunController:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         queue = TaskQueue(cfg.ray.back_half_tasks(cpus), cfg.ray.sink_tasks or max(1, int(cpus)))
         signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
-        # A stretch reads each group's items (a task per group, on a worker). The chip stream starts
-        # without waiting for it: its read tasks wait for their group's scaling, while Ray Data
-        # starts and the SAM actors load the model. Any other scaling is the config's own.
-        stretch = tasks.remote_task(tasks.group_scaling).options(num_cpus=cfg.ray.read_cpus)  # reads, as a chip's
-        scaling = {g.group.id: (stretch.remote(cfg.chip.scaling, g.group, signer, cfg.network)
+        # A stretch reads each group's items (a task per group, on a worker, reserving a chip read's
+        # CPUs). The chip stream starts without waiting for it: its read tasks wait for their group's
+        # scaling, while Ray Data starts and the SAM actors load the model. Any other scaling is the
+        # config's own.
+        scaling = {g.group.id: (queue.call(tasks.group_scaling, (cfg.chip.scaling, g.group, signer, cfg.network),
+                                           cfg.ray.read_cpus)
                                 if cfg.chip.scaling.per_group else cfg.chip.scaling) for g in self.todo}
         model = model_source_for(cfg, self.prepared.model_dir)
         return _Backend(

@@ -13,7 +13,6 @@ does with Ray. Checkpoints, resume, outputs and their ids are the same either wa
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import threading
@@ -93,14 +92,13 @@ class InProcessChips(threading.Thread):
             self.error = err
 
     def _run(self) -> None:
-        from raysam.pipeline import SAM_NICE_STEP, ChipSegmenter, read_one
+        from raysam.pipeline import SAM_NICE_STEP, ChipSegmenter, lower_cpu_priority, read_one
         from raysam.sam import AutomaticMaskGenerator, load_model
         from raysam.signing import signer_spec
         from raysam.tasks import worker_signer
 
         cfg = self.cfg
-        with contextlib.suppress(OSError):  # as the SAM actors are: the driver's back half goes first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.nice(0) + SAM_NICE_STEP))
+        lower_cpu_priority(SAM_NICE_STEP, this_thread_only=True)  # as the SAM actors: the driver's back half goes first
         model = load_model(self.model_dir, device=cfg.device)  # ONNX Runtime's threads inherit the niceness
         self.stats.model_loaded.remote(os.getpid(), IN_PROCESS_NODE)
         segmenter = ChipSegmenter(AutomaticMaskGenerator(model, **asdict(cfg.amg)),

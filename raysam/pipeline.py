@@ -189,14 +189,14 @@ def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.Sha
     return {"task": tasks, "rgb": np.stack(out["rgb"]), "valid_bits": np.stack(out["valid_bits"])}
 
 
-def lower_cpu_priority(by: int) -> None:
-    """Raise the niceness of every thread of this process by ``by`` (at most to 19); threads it
-    starts later inherit it. SAM saturates whatever CPUs it gets; without this the light tasks
-    that share its node (chip reads, merges, sink tiles: Ray starts every worker at niceness 15)
-    wait behind it and a finished date group publishes late. Where niceness cannot be changed it
-    stays as it is."""
+def lower_cpu_priority(by: int, this_thread_only: bool = False) -> None:
+    """Raise the niceness of every thread of this process (or only the calling thread's) by ``by``,
+    at most to 19; threads started later inherit it. SAM saturates whatever CPUs it gets; without
+    this the light tasks that share its node (chip reads, merges, sink tiles: Ray starts every
+    worker at niceness 15) wait behind it and a finished date group publishes late. Where niceness
+    cannot be changed it stays as it is."""
     try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        tids = [0] if this_thread_only else [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         tids = [0]  # not Linux: the calling thread (the process, elsewhere)
     for tid in tids:

@@ -6,8 +6,8 @@ Sentinel-2 tiles: tasks are started in priority order (``(group index, stage)``)
 segmented), and none of a later group while one of an earlier group runs. A group's back half
 goes in stages (cell merges, then cell writes, then the single files), and between two of them it
 has nothing waiting for a moment: without that rule the next group's tiles took the free slots
-then, and the earlier group published later. Results come back to a
-callback on the driver; they are small (counts, windows, a few ids), never pixels or records.
+then, and the earlier group published later. Results come back to a callback on the driver; they
+are small (counts, windows, a few ids), never pixels or records.
 
 :class:`InProcessQueue` is the same queue for a run without Ray: it calls the tasks in the
 driver's thread, one per poll, in the same order.
