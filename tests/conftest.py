@@ -7,10 +7,16 @@ Catalog and STAC API (owned by the STAC part):
 
 Ray:
     ray_local     module: a small local Ray instance (2 CPUs), shut down after the module.
+
+Every Ray node the tests start (here, in subprocesses, in clusters) inherits
+``RAY_local_fs_capacity_threshold``: Ray refuses to spill objects once the disk holding its session
+is 95 % full, and CI's disk, shared with other work, has sat above that. The tests spill a few
+hundred MB at most, so their nodes spill until the disk is really full.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,8 @@ import pytest
 from raysam.demo.catalog import CatalogInfo, make_demo_catalog
 from raysam.demo.serve import free_port, serve_catalog
 from tests.helpers import start_local_ray
+
+os.environ["RAY_local_fs_capacity_threshold"] = "0.999"
 
 
 @pytest.fixture(scope="session")
