@@ -57,7 +57,8 @@ IOU_MODES = ("mask", "box")
 DEFAULT_MASK_NMS_THR = 0.5  # seed parameter mask_nms_thr
 DEFAULT_CONTAINMENT_THR = 0.9  # share of a border mask's area inside another chip's mask
 DEFAULT_BORDER_PX = 1  # a box within the outermost 1 px of its chip "touches" the border
-CROP_CACHE_PX = 256 * 2**20  # unpacked crops kept per merge (bytes of bool): 256 MiB at most
+WORD_PX = 64  # pixels per uint64 word of a grid-aligned mask bit plane
+PAIR_WORDS_PER_CHUNK = 1 << 20  # words of each mask gathered at once by mask_intersections_px (8 MiB)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -233,35 +234,61 @@ def _link_flags(i: np.ndarray, j: np.ndarray, inter: np.ndarray, size: np.ndarra
 
 
 def mask_intersections_px(table: MaskTable, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Shared pixel count of masks ``i[k]`` and ``j[k]``, compared over the boxes' overlap."""
-    bi, bj = table.box_xyxy[i], table.box_xyxy[j]
-    win = np.concatenate([np.maximum(bi[:, :2], bj[:, :2]), np.minimum(bi[:, 2:], bj[:, 2:]) + 1], 1)
-    off_i, off_j = win - np.tile(bi[:, :2], 2), win - np.tile(bj[:, :2], 2)  # half-open, crop frame
-    crops = _CropCache(table)
+    """Shared pixel count of masks ``i[k]`` and ``j[k]``, vectorised over the pairs.
+
+    The masks are re-packed into grid-aligned words (:func:`_aligned_words`), so two masks' words
+    line up wherever their boxes overlap; a pair's count is the popcount of the AND of their words
+    over the rows and word columns both boxes span. A mask's bits outside its box are zero, so the
+    AND needs no edge masking. Pairs are taken by how many word columns they share, at most
+    :data:`PAIR_WORDS_PER_CHUNK` words at a time.
+    """
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
     out = np.zeros(len(i), np.int64)
-    rows = zip(i.tolist(), j.tolist(), off_i.tolist(), off_j.tolist())
-    for k, (a, b, (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1)) in enumerate(rows):
-        if ax1 > ax0 and ay1 > ay0:
-            out[k] = np.count_nonzero(crops.get(a)[ay0:ay1, ax0:ax1] & crops.get(b)[by0:by1, bx0:bx1])
+    if not len(i):
+        return out
+    words, first, n_cols = _aligned_words(table, np.concatenate([i, j]))
+    box = table.box_xyxy.astype(np.int64)
+    col0, col1 = box[:, 0] // WORD_PX, box[:, 2] // WORD_PX
+    y0, y1 = np.maximum(box[i, 1], box[j, 1]), np.minimum(box[i, 3], box[j, 3])
+    c0, c1 = np.maximum(col0[i], col0[j]), np.minimum(col1[i], col1[j])
+    rows, cols = y1 - y0 + 1, c1 - c0 + 1
+    start_i = first[i] + (y0 - box[i, 1]) * n_cols[i] + c0 - col0[i]  # the window's first word
+    start_j = first[j] + (y0 - box[j, 1]) * n_cols[j] + c0 - col0[j]
+    overlap = (rows > 0) & (cols > 0)
+    for n_words in np.unique(cols[overlap]).tolist():
+        row_words = np.lib.stride_tricks.sliding_window_view(words, n_words)  # row r: words r .. r + n_words - 1
+        same = np.flatnonzero(overlap & (cols == n_words))
+        for k in np.array_split(same, max(1, int(rows[same].sum()) * n_words // PAIR_WORDS_PER_CHUNK)):
+            n_rows = rows[k]
+            row0 = np.cumsum(n_rows) - n_rows
+            r = np.arange(int(n_rows.sum())) - np.repeat(row0, n_rows)  # row within its pair's window
+            at_i = np.repeat(start_i[k], n_rows) + r * np.repeat(n_cols[i[k]], n_rows)
+            at_j = np.repeat(start_j[k], n_rows) + r * np.repeat(n_cols[j[k]], n_rows)
+            shared = np.bitwise_count(row_words[at_i] & row_words[at_j]).ravel()
+            out[k] = np.add.reduceat(shared, row0 * n_words, dtype=np.int64)
     return out
 
 
-class _CropCache:
-    """Unpacked boolean crops, each unpacked once, up to :data:`CROP_CACHE_PX` pixels in all."""
-
-    def __init__(self, table: MaskTable, budget_px: int | None = None) -> None:
-        self._table = table
-        self._crops: dict[int, np.ndarray] = {}
-        self._budget_px = CROP_CACHE_PX if budget_px is None else budget_px
-
-    def get(self, r: int) -> np.ndarray:
-        crop = self._crops.get(r)
-        if crop is None:
-            crop = unpack_crop(self._table.mask_bits[r], self._table.box_xyxy[r])
-            if crop.size <= self._budget_px:
-                self._crops[r] = crop
-                self._budget_px -= crop.size
-        return crop
+def _aligned_words(table: MaskTable, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks ``records`` as grid-aligned bit planes: pixel ``(x, y)`` of mask ``r`` is bit
+    ``x % 64`` of ``words[first[r] + (y - y0[r]) * n_cols[r] + x // 64 - x0[r] // 64]``, one row of
+    ``n_cols[r]`` uint64 words per box row. Other masks take no words. About the size of the
+    masks' own packed crops."""
+    box = table.box_xyxy.astype(np.int64)
+    n_cols = box[:, 2] // WORD_PX - box[:, 0] // WORD_PX + 1
+    used = np.zeros(len(box), bool)
+    used[records] = True
+    n_words = np.where(used, (box[:, 3] - box[:, 1] + 1) * n_cols, 0)
+    first = np.cumsum(n_words) - n_words
+    words = np.zeros(int(n_words.sum()), np.uint64)
+    for r in np.flatnonzero(used).tolist():
+        x0, _, x1, _ = box[r].tolist()
+        crop = unpack_crop(table.mask_bits[r], box[r])
+        lead = x0 % WORD_PX
+        plane = np.zeros((crop.shape[0], int(n_cols[r]) * WORD_PX), bool)
+        plane[:, lead : lead + x1 - x0 + 1] = crop
+        words[first[r] : first[r] + n_words[r]] = np.packbits(plane, axis=1, bitorder="little").view("<u8").ravel()
+    return words, first, n_cols
 
 
 def _greedy_nms(order: np.ndarray, i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:

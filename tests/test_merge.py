@@ -19,6 +19,7 @@ from raysam.merge import (
     MergeParams,
     cell_keys,
     group_keys,
+    mask_intersections_px,
     merge_cell,
     merge_grouped,
     merge_masks,
@@ -351,6 +352,30 @@ def test_matches_dense_reference_on_random_overlaps(seed, mode):
 # --------------------------------------------------------------------------- mask vs box IoU
 
 W64 = (0, 0, 64, 64)
+
+
+def test_mask_intersections_count_the_shared_pixels_of_each_pair():
+    """Random masks whose boxes start and end on every side of a 64-px word boundary, some far
+    apart: each pair's count equals the AND of the two masks painted on the grid."""
+    rng = np.random.default_rng(3)
+    hw = (160, 400)
+    records = []
+    for _ in range(60):
+        w, h = int(rng.integers(1, 200)), int(rng.integers(1, 60))
+        x0 = int(rng.choice([0, 1, 62, 63, 64, 65, 127, 128, 190])) + int(rng.integers(0, 3))
+        y0 = int(rng.integers(0, hw[0] - h))
+        x1 = min(x0 + w, hw[1]) - 1
+        crop = rng.random((h, x1 - x0 + 1)) < rng.uniform(0.2, 0.9)
+        crop[0, 0] = crop[-1, -1] = True  # the box stays tight
+        records.append(((0, len(records)), (0, 0, hw[1], hw[0]), (x0, y0, x1, y0 + h - 1), crop, 0.9))
+    table = single_chip_table(records)
+    i, j = np.triu_indices(len(records), 1)
+    painted = [_paint(table.mask_bits[r], table.box_xyxy[r], hw) for r in range(len(records))]
+    want = [int((painted[a] & painted[b]).sum()) for a, b in zip(i, j)]
+    got = mask_intersections_px(table, i, j)
+    assert got.tolist() == want
+    assert sum(want) > 10_000 and want.count(0) > 100  # overlaps of every size, and disjoint pairs
+    assert mask_intersections_px(table, i[:0], j[:0]).size == 0
 
 
 def test_l_shaped_neighbours_box_mode_suppresses_mask_mode_keeps():
