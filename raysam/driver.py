@@ -236,8 +236,32 @@ def init_ray(ray_cfg: RayConfig) -> None:
         raise ConfigError(f"Ray could not start or connect ({address or 'RAY_ADDRESS'}): {first[:200]}: "
                           "check ray.address and ray.object_store_gb") from None
     _ray_started.append(address == "local")
+    if address == "local":  # a cluster's are up already after its first job: they are detached
+        start_ray_data_actors()
     route_worker_output()
     interrupt.install_handlers()  # ray.init replaced the SIGTERM handler with its own
+
+
+def start_ray_data_actors() -> None:
+    """Ask for Ray Data's cluster-wide actors (its stats actor, actor-location tracker and
+    autoscaling coordinator) as soon as a local Ray instance is up.
+
+    Ray Data creates them when a dataset first executes, and its executor waits on the tracker
+    before it launches the first chip read; asked for here, their worker processes start while the
+    driver sets the run up (demo on Ray, 2 cores: 21.4 s against 22.4 s, mean of 4 runs each). They are
+    named, detached and created with ``get_if_exists``, as Ray Data creates them, so it finds them.
+    These are private Ray Data functions: a Ray version without them leaves the creation to Ray Data.
+    """
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.execution.node_trackers import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        for create in (get_or_create_actor_location_tracker, get_or_create_stats_actor,
+                       get_or_create_autoscaling_coordinator):
+            create()
 
 
 def versions() -> dict[str, str]:

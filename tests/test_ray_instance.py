@@ -57,3 +57,25 @@ def test_stopping_the_local_instance_ends_every_process_it_started():
     shutdown_ray()
     _gone, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, [p.cmdline()[:2] for p in alive]
+
+
+def test_ray_data_actors_start_with_the_instance_and_serve_the_run():
+    """init_ray asks for Ray Data's cluster-wide actors at once (start_ray_data_actors), so their
+    processes start while the driver sets up; the dataset that runs next uses those same actors.
+    If a Ray upgrade renames them, this fails: start_ray_data_actors then creates nothing useful."""
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    named = {"ActorLocationTracker": "ActorLocationTracker", "AutoscalingCoordinator": "AutoscalingCoordinator",
+             STATS_ACTOR_NAME: STATS_ACTOR_NAMESPACE}
+
+    def actor_ids() -> dict[str, str]:
+        return {name: ray.get_actor(name, namespace=ns)._actor_id.hex() for name, ns in named.items()}
+
+    assert not ray.is_initialized()
+    init_ray(RayConfig())
+    try:
+        before = actor_ids()  # raises ValueError for an actor that was not created
+        assert ray.data.range(8).map_batches(lambda batch: batch).count() == 8
+        assert actor_ids() == before
+    finally:
+        shutdown_ray()
