@@ -431,20 +431,23 @@ def _closed_components(box_xyxy: np.ndarray, links: _Links, region: tuple[int, i
 
 
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Component label (the smallest member index) of each of n nodes given edges (i, j)."""
-    parent = list(range(n))
+    """Component label (the smallest member index) of each of n nodes given edges (i, j).
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(a) for a in range(n)], np.int64)
+    Vectorised over the edges: each round hooks every root that has an edge to a smaller root
+    onto the smallest such root, then follows pointers until every node points at a root. A
+    label only ever decreases, so a component's root is its smallest member, and each round
+    leaves fewer roots until no edge joins two.
+    """
+    label = np.arange(n, dtype=np.int64)
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    while True:
+        a, b = label[i], label[j]
+        joins = a != b
+        if not joins.any():
+            return label
+        np.minimum.at(label, np.maximum(a, b)[joins], np.minimum(a, b)[joins])
+        while not np.array_equal(up := label[label], label):
+            label = up
 
 
 def merge_grouped(table: MaskTable, cell_px: int, halo_px: int | None = None,

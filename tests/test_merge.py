@@ -18,6 +18,7 @@ from raysam.errors import ConfigError, DataError
 from raysam.merge import (
     MergeParams,
     cell_keys,
+    connected_components,
     group_keys,
     mask_intersections_px,
     merge_cell,
@@ -376,6 +377,42 @@ def test_mask_intersections_count_the_shared_pixels_of_each_pair():
     assert got.tolist() == want
     assert sum(want) > 10_000 and want.count(0) > 100  # overlaps of every size, and disjoint pairs
     assert mask_intersections_px(table, i[:0], j[:0]).size == 0
+
+
+def _components_by_search(n: int, edges: list[tuple[int, int]]) -> list[int]:
+    """Smallest member of each node's component, by depth-first search."""
+    neighbours = [[] for _ in range(n)]
+    for a, b in edges:
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    label = [-1] * n
+    for start in range(n):
+        if label[start] < 0:
+            stack = [start]
+            label[start] = start
+            while stack:
+                node = stack.pop()
+                for other in neighbours[node]:
+                    if label[other] < 0:
+                        label[other] = start
+                        stack.append(other)
+    return label
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_connected_components_match_a_graph_search(seed):
+    """Random sparse graphs, a long path whose nodes alternate between the two ends of the index
+    range, a star and isolated nodes: each node is labelled with its component's smallest member."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    edges = [tuple(map(int, e)) for e in rng.integers(0, n, (int(rng.integers(50, 500)), 2))]
+    order = [k // 2 if k % 2 == 0 else n - 1 - k // 2 for k in range(n)]  # 0, 399, 1, 398, ...
+    path = list(zip(order[100:300], order[101:301]))
+    star = [(399 - seed, leaf) for leaf in range(300 + seed, 310)]
+    for graph in (edges, path, star, [], edges + path + star):
+        i = np.array([a for a, _ in graph], np.int64)
+        j = np.array([b for _, b in graph], np.int64)
+        assert connected_components(n, i, j).tolist() == _components_by_search(n, graph)
 
 
 def test_l_shaped_neighbours_box_mode_suppresses_mask_mode_keeps():
