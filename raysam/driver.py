@@ -236,7 +236,7 @@ def init_ray(ray_cfg: RayConfig) -> None:
         raise ConfigError(f"Ray could not start or connect ({address or 'RAY_ADDRESS'}): {first[:200]}: "
                           "check ray.address and ray.object_store_gb") from None
     _ray_started.append(address == "local")
-    if address == "local":  # a cluster's are up already after its first job: they are detached
+    if address == "local":  # on a cluster they outlive each job (detached): only a fresh instance gains
         start_ray_data_actors()
     route_worker_output()
     interrupt.install_handlers()  # ray.init replaced the SIGTERM handler with its own
