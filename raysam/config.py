@@ -183,18 +183,20 @@ class RayConfig:
         share = node_cpus / self.sam_actors
         return replace(self, cpus_per_actor=max(share - (self.read_cpus + self.sink_cpus) / self.sam_actors, share / 2))
 
-    def back_half_tasks(self, cluster_cpus: float) -> int:
+    def back_half_tasks(self, cluster_cpus: float, chips_done: bool = False) -> int:
         """How many back-half tasks run at once: ``sink_tasks``, or when null as many as fit in
         ``cluster_cpus`` beside the SAM actors and one chip read each (at least one). More would
         take the reads' CPUs in Ray's accounting, and the SAM actors would wait for chips
-        (2 CPUs: SAM 1.5 + a read 0.25 leave one task of 0.25). Once every chip is segmented the
-        driver lets ``sink_tasks`` or one per CPU run (:meth:`raysam.scheduler.TaskQueue.chips_done`).
-        Call on a :meth:`resolved` config.
+        (2 CPUs: SAM 1.5 + a read 0.25 leave one task of 0.25). Once every chip is segmented
+        (``chips_done``) no read needs CPUs: one task per CPU
+        (:meth:`raysam.scheduler.TaskQueue.chips_done`). Call on a :meth:`resolved` config.
         """
         if self.sink_tasks is not None:
             return self.sink_tasks
+        if chips_done or self.sink_cpus == 0:
+            return max(1, int(cluster_cpus))
         free = cluster_cpus - self.sam_actors * ((self.cpus_per_actor or 0.0) + self.read_cpus)
-        return max(1, int(free / self.sink_cpus + 1e-9)) if self.sink_cpus > 0 else max(1, int(cluster_cpus))
+        return max(1, int(free / self.sink_cpus + 1e-9))
 
 
 @dataclass(frozen=True)

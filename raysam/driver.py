@@ -467,7 +467,7 @@ class RunController:
         self.cfg = cfg = replace(self.cfg, ray=self.cfg.ray.resolved(node_cpus))  # SAM actors' CPUs decided
         stats = RunStats.options(name=STATS_ACTOR, get_if_exists=True).remote()
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        queue = TaskQueue(cfg.ray.back_half_tasks(cpus), cfg.ray.sink_tasks or max(1, int(cpus)))
+        queue = TaskQueue(cfg.ray.back_half_tasks(cpus), cfg.ray.back_half_tasks(cpus, chips_done=True))
         signer = signer_spec(cfg.stac)  # workers sign with their own environment's key, never one in arguments
         # A stretch reads each group's items (a task per group, on a worker, reserving a chip read's
         # CPUs). The chip stream starts without waiting for it: its read tasks wait for their group's

@@ -247,7 +247,7 @@ def mask_intersections_px(table: MaskTable, i: np.ndarray, j: np.ndarray) -> np.
     if not len(i):
         return out
     words, first, n_cols = _aligned_words(table, np.concatenate([i, j]))
-    box = table.box_xyxy.astype(np.int64)
+    box = table.box_xyxy  # int64 (MaskTable)
     col0, col1 = box[:, 0] // WORD_PX, box[:, 2] // WORD_PX
     y0, y1 = np.maximum(box[i, 1], box[j, 1]), np.minimum(box[i, 3], box[j, 3])
     c0, c1 = np.maximum(col0[i], col0[j]), np.minimum(col1[i], col1[j])
@@ -274,7 +274,7 @@ def _aligned_words(table: MaskTable, records: np.ndarray) -> tuple[np.ndarray, n
     ``x % 64`` of ``words[first[r] + (y - y0[r]) * n_cols[r] + x // 64 - x0[r] // 64]``, one row of
     ``n_cols[r]`` uint64 words per box row. Other masks take no words. About the size of the
     masks' own packed crops."""
-    box = table.box_xyxy.astype(np.int64)
+    box = table.box_xyxy  # int64 (MaskTable)
     n_cols = box[:, 2] // WORD_PX - box[:, 0] // WORD_PX + 1
     used = np.zeros(len(box), bool)
     used[records] = True

@@ -112,9 +112,11 @@ def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
     assert limit == 1
     assert RayConfig(cpus_per_actor=4.0, read_cpus=1.0, sink_cpus=1.0, sam_actors=4).back_half_tasks(64.0) == 44
     assert RayConfig(sink_tasks=3).back_half_tasks(2.0) == 3  # as configured
+    assert ray_cfg.back_half_tasks(2.0, chips_done=True) == 2  # no reads left: one per CPU
+    assert RayConfig(sink_tasks=3).back_half_tasks(2.0, chips_done=True) == 3
     sam = _Holder.options(num_cpus=ray_cfg.cpus_per_actor).remote()
     ray.get(sam.ready.remote(), timeout=60)
-    queue = TaskQueue(limit, limit_after_chips=2)
+    queue = TaskQueue(limit, limit_after_chips=ray_cfg.back_half_tasks(2.0, chips_done=True))
     for k in range(2):
         queue.submit((0, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(2.0, f"tile{k}"),
                      lambda _: None)
