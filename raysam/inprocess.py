@@ -13,12 +13,13 @@ does with Ray. Checkpoints, resume, outputs and their ids are the same either wa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ class InProcessChips(threading.Thread):
         stats: the run's statistics (:class:`raysam.runstats.InProcessActor`).
     """
 
-    STOP_WAIT_S = 10.0  # how long stop() waits for the chip being segmented
+    STOP_WAIT_S = 5.0  # how long stop() waits for the chip being segmented (well within interrupt.GRACE_S)
 
     def __init__(self, specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: Mapping[str, Any], model_dir: Path,
                  resume: Mapping[str, bool], stats: Any):
@@ -75,7 +76,7 @@ class InProcessChips(threading.Thread):
         self.specs, self.cfg, self.scaling, self.model_dir = specs, cfg, scaling, model_dir
         self.resume, self.stats = resume, stats
         self.error: BaseException | None = None
-        self._stopping = threading.Event()
+        self._stopping: Future = Future()  # done once stop() is called, so a wait for a read ends with it
 
     def _tasks(self) -> Iterator[Any]:
         from raysam.grid import chip_rows
@@ -111,22 +112,22 @@ class InProcessChips(threading.Thread):
 
         reads: deque[tuple[Any, Future]] = deque()
         tasks = self._tasks()
-        with ThreadPoolExecutor(READ_AHEAD_CHIPS, thread_name_prefix="raysam-read") as reader:
-            try:
-                while not self._stopping.is_set():
-                    while len(reads) <= READ_AHEAD_CHIPS and (task := next(tasks, None)) is not None:
-                        reads.append((task, reader.submit(read, task)))
-                    if not reads:
-                        return
-                    task, future = reads.popleft()
-                    pixels = future.result()
-                    if pixels is not None:
-                        segmenter.segment(task, *pixels)
-            finally:  # a stop or an error: the reads not started yet are dropped
-                for _, future in reads:
-                    future.cancel()
+        reader = ThreadPoolExecutor(READ_AHEAD_CHIPS, thread_name_prefix="raysam-read")
+        try:
+            while not self._stopping.done():
+                while len(reads) <= READ_AHEAD_CHIPS and (task := next(tasks, None)) is not None:
+                    reads.append((task, reader.submit(read, task)))
+                if not reads:
+                    return
+                task, future = reads.popleft()
+                wait((future, self._stopping), return_when=FIRST_COMPLETED)
+                if not self._stopping.done() and (pixels := future.result()) is not None:
+                    segmenter.segment(task, *pixels)
+        finally:  # a stop or an error: the reads not started yet are dropped, and one that hangs
+            reader.shutdown(wait=False, cancel_futures=True)  # on the network is not waited for
 
     def stop(self) -> None:
         """End the stream of a stopped run after the chip being segmented."""
-        self._stopping.set()
+        with contextlib.suppress(InvalidStateError):  # stopped already
+            self._stopping.set_result(None)
         self.join(self.STOP_WAIT_S)
