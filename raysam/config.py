@@ -111,6 +111,14 @@ class ChipConfig:
                f"max_cloud_fraction={self.max_cloud_fraction} is out of range: use a value in [0, 1]")
 
 
+# Back-half tasks a local node's SAM actors leave CPUs for while chips are still read
+# (RayConfig.resolved). With one, on 2 CPUs, a finished group's merge and tiles ran one task at a
+# time beside the next group's SAM and it published 1.6 s later (bench_scale: sink wall 8.4 s
+# against 6.8 s; first group published at 60 % of the wall against 58 %). SAM is niced below
+# them (raysam.pipeline), so the second task takes CPU from SAM only while a group finishes.
+BACK_HALF_TASKS_BESIDE_SAM = 2
+
+
 @dataclass(frozen=True)
 class RayConfig:
     """Ray resources, retries and time limits. The seed's ``num_workers`` is ``sam_actors``.
@@ -123,7 +131,7 @@ class RayConfig:
     ``autoscale_wait_s`` an autoscaling cluster gets that long to grow to them.
 
     ``cpus_per_actor`` null (the default, for a laptop or one machine) gives the SAM actors the
-    node's CPUs but what one chip read and one back-half task reserve (:meth:`resolved`): SAM is
+    node's CPUs but what one chip read and two back-half tasks reserve (:meth:`resolved`): SAM is
     the bulk of the work, and ONNX Runtime runs on ``ceil(cpus_per_actor)`` threads. Reads and
     back-half tasks are light by default (``read_cpus``/``sink_cpus`` 0.25) so they run beside it.
 
@@ -136,7 +144,7 @@ class RayConfig:
     sam_actors: int = 1
     sam_actors_max: int | None = None
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float | None = None  # None: the node's CPUs less a read's and a sink task's
+    cpus_per_actor: float | None = None  # None: the node's CPUs less a read's and two sink tasks'
     read_cpus: float = 0.25
     read_concurrency: int | None = None
     max_task_retries: int = 3
@@ -174,20 +182,21 @@ class RayConfig:
     def resolved(self, node_cpus: float) -> RayConfig:
         """This config with ``cpus_per_actor`` decided for nodes of ``node_cpus`` CPUs.
 
-        Null becomes the node's CPUs less one read's and one back-half task's, shared by the
-        actors (on 2 CPUs: 1.5, so ONNX Runtime runs on both cores), and never less than half the
-        node's share per actor.
+        Null becomes the node's CPUs less one read's and :data:`BACK_HALF_TASKS_BESIDE_SAM`
+        back-half tasks', shared by the actors (on 2 CPUs: 1.25, so ONNX Runtime still runs on
+        both cores), and never less than half the node's share per actor.
         """
         if self.cpus_per_actor is not None:
             return self
         share = node_cpus / self.sam_actors
-        return replace(self, cpus_per_actor=max(share - (self.read_cpus + self.sink_cpus) / self.sam_actors, share / 2))
+        beside = self.read_cpus + BACK_HALF_TASKS_BESIDE_SAM * self.sink_cpus
+        return replace(self, cpus_per_actor=max(share - beside / self.sam_actors, share / 2))
 
     def back_half_tasks(self, cluster_cpus: float, chips_done: bool = False) -> int:
         """How many back-half tasks run at once: ``sink_tasks``, or when null as many as fit in
         ``cluster_cpus`` beside the SAM actors and one chip read each (at least one). More would
         take the reads' CPUs in Ray's accounting, and the SAM actors would wait for chips
-        (2 CPUs: SAM 1.5 + a read 0.25 leave one task of 0.25). Once every chip is segmented
+        (2 CPUs: SAM 1.25 + a read 0.25 leave two tasks of 0.25). Once every chip is segmented
         (``chips_done``) no read needs CPUs: one task per CPU
         (:meth:`raysam.scheduler.TaskQueue.chips_done`). Call on a :meth:`resolved` config.
         """

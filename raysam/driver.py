@@ -196,7 +196,7 @@ def _kill_autoscaler_monitor() -> None:
 
 # How long the local Ray instance keeps an idle worker process it would otherwise kill (Ray: 1 s).
 # Ray keeps only as many idle workers as the node has free CPUs; the SAM actors hold nearly all of
-# a small machine's (1.5 of 2), so Ray killed the worker of every chip read or sink task a second
+# a small machine's (1.25 of 2), so Ray killed the worker of every chip read or sink task a second
 # after it finished and started a new one for the next task, which imported GDAL, Arrow and raysam
 # again (demo, 2 cores: 9 task workers and 16 CPU-s, against 2 workers and 8 CPU-s with this).
 # A cluster's nodes take it from RAY_idle_worker_killing_time_threshold_ms at `ray start`.

@@ -36,8 +36,8 @@ def _one(cpus: float, gpus: float = 0.0, memory: float | None = 16 * GIB) -> Cap
 
 @pytest.mark.parametrize(("ray", "capacity", "problem"), [
     ({}, _one(2), None),  # 1 actor + 1 read on 2 CPUs
-    ({"cpus_per_actor": None, "read_cpus": 0.25, "sink_cpus": 0.25}, _one(2), None),  # ray=local: 1.5 + 0.25 + 0.25
-    ({"cpus_per_actor": None, "read_cpus": 0.25, "sink_cpus": 0.25, "sam_actors": 2}, _one(2), None),  # 0.75 each
+    ({"cpus_per_actor": None, "read_cpus": 0.25, "sink_cpus": 0.25}, _one(2), None),  # ray=local: 1.25 + 0.25 + 2 x 0.25
+    ({"cpus_per_actor": None, "read_cpus": 0.25, "sink_cpus": 0.25, "sam_actors": 2}, _one(2), None),  # 0.625 each
     ({"sam_actors": 2}, _one(2), "leave no room beside them for a chip read"),
     ({"sam_actors": 2, "cpus_per_actor": 0.5}, _one(2), None),  # 2 x 0.5 + 1 read = 2
     ({"sam_actors": 2, "read_cpus": 0.5, "sink_cpus": 0.5, "cpus_per_actor": 0.75}, _one(2), None),

@@ -101,15 +101,15 @@ class _Holder:
 
 
 def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
-    """On 2 CPUs with the SAM actor's 1.5 (ray=local's resolution), as many back-half tasks as
+    """On 2 CPUs with the SAM actor's 1.25 (ray=local's resolution), as many back-half tasks as
     :meth:`RayConfig.back_half_tasks` allows run at once, and a chip read still starts at once:
     before, the queue started one per CPU (2 of 0.25) and the reads, which feed SAM, waited."""
     from raysam.config import RayConfig
 
     ray_cfg = RayConfig().resolved(2.0)
-    assert ray_cfg.cpus_per_actor == 1.5
+    assert ray_cfg.cpus_per_actor == 1.25
     limit = ray_cfg.back_half_tasks(ray.cluster_resources()["CPU"])
-    assert limit == 1
+    assert limit == 2
     assert RayConfig(cpus_per_actor=4.0, read_cpus=1.0, sink_cpus=1.0, sam_actors=4).back_half_tasks(64.0) == 44
     assert RayConfig(sink_tasks=3).back_half_tasks(2.0) == 3  # as configured
     assert ray_cfg.back_half_tasks(2.0, chips_done=True) == 2  # no reads left: one per CPU
@@ -120,12 +120,14 @@ def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
     for k in range(2):
         queue.submit((0, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(2.0, f"tile{k}"),
                      lambda _: None)
+    t_tiles = time.monotonic()
     queue.poll(0)
     read = _sleep.options(num_cpus=ray_cfg.read_cpus).remote(0.0, "read")
     t0 = time.monotonic()
     assert ray.get(read, timeout=30) == "read"
     assert time.monotonic() - t0 < 2.0, "the chip read waited for a back-half task's CPUs"
     _drain(queue)
+    assert time.monotonic() - t_tiles < 3.5, "while chips are read, back-half tasks ran one at a time"
     queue.chips_done()  # no more reads: the last group's back half takes both slots
     for k in range(2):
         queue.submit((1, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(1.5, f"cell{k}"),
