@@ -113,9 +113,9 @@ class ChipConfig:
 
 # Back-half tasks a local node's SAM actors leave CPUs for while chips are still read
 # (RayConfig.resolved). With one, on 2 CPUs, a finished group's merge and tiles ran one task at a
-# time beside the next group's SAM and it published 1.6 s later (bench_scale: sink wall 8.4 s
-# against 6.8 s; first group published at 60 % of the wall against 58 %). SAM is niced below
-# them (raysam.pipeline), so the second task takes CPU from SAM only while a group finishes.
+# time beside the next group's SAM (bench_scale: first group's sink wall 8.4 s, published at 60 %
+# of the wall; with two, 5.8 s and 57 %). SAM is niced below them (raysam.pipeline), so the second
+# task takes CPU from SAM only while a group finishes.
 BACK_HALF_TASKS_BESIDE_SAM = 2
 
 

@@ -102,8 +102,9 @@ class _Holder:
 
 def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
     """On 2 CPUs with the SAM actor's 1.25 (ray=local's resolution), as many back-half tasks as
-    :meth:`RayConfig.back_half_tasks` allows run at once, and a chip read still starts at once:
-    before, the queue started one per CPU (2 of 0.25) and the reads, which feed SAM, waited."""
+    :meth:`RayConfig.back_half_tasks` allows (2) run at once, and a chip read still starts at once
+    beside them: the limit comes from what the SAM actor leaves free in Ray's accounting, not
+    from the CPU count (a queue that took more than that made the reads, which feed SAM, wait)."""
     from raysam.config import RayConfig
 
     ray_cfg = RayConfig().resolved(2.0)
