@@ -100,10 +100,6 @@ class InProcessChips(threading.Thread):
 
         cfg = self.cfg
         lower_cpu_priority(SAM_NICE_STEP, this_thread_only=True)  # as the SAM actors: the driver's back half goes first
-        model = load_model(self.model_dir, device=cfg.device)  # ONNX Runtime's threads inherit the niceness
-        self.stats.model_loaded.remote(os.getpid(), IN_PROCESS_NODE)
-        segmenter = ChipSegmenter(AutomaticMaskGenerator(model, **asdict(cfg.amg)),
-                                  {gid: s.shards for gid, s in self.specs.items()}, self.stats)
         signer = worker_signer(signer_spec(cfg.stac))
 
         def read(task: Any) -> Any:
@@ -112,11 +108,20 @@ class InProcessChips(threading.Thread):
 
         reads: deque[tuple[Any, Future]] = deque()
         tasks = self._tasks()
-        reader = ThreadPoolExecutor(READ_AHEAD_CHIPS, thread_name_prefix="raysam-read")
+        reader = ThreadPoolExecutor(READ_AHEAD_CHIPS, thread_name_prefix="raysam-read")  # niced as this thread
+
+        def read_ahead() -> None:
+            while len(reads) <= READ_AHEAD_CHIPS and (task := next(tasks, None)) is not None:
+                reads.append((task, reader.submit(read, task)))
+
         try:
+            read_ahead()  # the first chips are read while the model loads
+            model = load_model(self.model_dir, device=cfg.device)  # ONNX Runtime's threads inherit the niceness
+            self.stats.model_loaded.remote(os.getpid(), IN_PROCESS_NODE)
+            segmenter = ChipSegmenter(AutomaticMaskGenerator(model, **asdict(cfg.amg)),
+                                      {gid: s.shards for gid, s in self.specs.items()}, self.stats)
             while not self._stopping.done():
-                while len(reads) <= READ_AHEAD_CHIPS and (task := next(tasks, None)) is not None:
-                    reads.append((task, reader.submit(read, task)))
+                read_ahead()
                 if not reads:
                     return
                 task, future = reads.popleft()
