@@ -340,7 +340,7 @@ def remove_empty_dirs(root: OutputRoot, plan: RunPlan, new_dirs: tuple[str, ...]
 class ChipStream(threading.Thread):
     """Drains the chip pipeline (tiny rows, one per chip) in the background; keeps its error."""
 
-    STOP_WAIT_S = 5.0  # how long stop() waits for the thread once Ray Data's executor is shut down
+    STOP_WAIT_S = interrupt.STREAM_STOP_WAIT_S  # stop() waits this long once Ray Data's executor is shut down
 
     def __init__(self, dataset: Any):
         super().__init__(name="raysam-chips", daemon=True)

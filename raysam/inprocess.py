@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from raysam import interrupt
 from raysam.config import RunConfig
 from raysam.layout import GroupSpec
 from raysam.plan import GroupPlan, iter_chip_tasks
@@ -68,7 +69,7 @@ class InProcessChips(threading.Thread):
         stats: the run's statistics (:class:`raysam.runstats.InProcessActor`).
     """
 
-    STOP_WAIT_S = 5.0  # how long stop() waits for the chip being segmented (well within interrupt.GRACE_S)
+    STOP_WAIT_S = interrupt.STREAM_STOP_WAIT_S  # how long stop() waits for the chip being segmented
 
     def __init__(self, specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: Mapping[str, Any], model_dir: Path,
                  resume: Mapping[str, bool], stats: Any):

@@ -27,6 +27,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 GRACE_S = 10.0  # how long the main thread gets to unwind before the watchdog steps in
+# How long a stopped run waits for its chip stream's thread (the chip being segmented): well
+# within GRACE_S, so the main thread has dropped the staging and released the locks before the
+# watchdog steps in.
+STREAM_STOP_WAIT_S = GRACE_S / 2
 CLEANUP_S = 5.0  # how long the watchdog waits for each cleanup
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
