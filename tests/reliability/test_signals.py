@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from raysam import interrupt
 from raysam.demo.serve import free_port, serve_catalog
 from tests.helpers import child_env, demo_run_command, kill_group, short_tmp_dir
 from tests.reliability import bad_inputs_data as bad
@@ -69,6 +70,7 @@ class Run:
 
     def __init__(self, tmp_path: Path, demo_catalog, *args: str, env: dict | None = None):
         self.out = tmp_path / "out"
+        self.stop_s: float | None = None  # seconds from the signal to the process's end, once stopped
         cmd = demo_run_command(demo_catalog, self.out, tmp_path / "hydra", "region=demo", "model=demo",
                                "sam.points_per_side=2", "output.sinks=[segmentation_mask]", *args)
         self.proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -92,6 +94,7 @@ class Run:
 def _stopped(run: Run, sig: signal.Signals) -> str:
     """Stop ``run`` with ``sig`` and check the promise common to every phase; return the stop line."""
     code, stderr, seconds = run.stop(sig)
+    run.stop_s = seconds
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert code == 128 + sig, stderr[-3000:]
     assert seconds < STOP_BOUND_S, f"{seconds:.1f} s"
@@ -177,6 +180,9 @@ def test_a_stop_while_reading_chips(tmp_path, demo_catalog, catalogs, hole):
         line = _stopped(run, signal.SIGTERM)
     assert "released 1 date-group lock(s), removed the staging of 1 group(s)" in line, line
     assert _kept(line) == 0 and not run.out.exists()  # no checkpoint: the output root is gone again
+    # the main thread unwound on its own: it did not wait for the read that never returns, and the
+    # watchdog (which ends the process after interrupt.GRACE_S) never stepped in
+    assert run.stop_s < interrupt.GRACE_S, f"{run.stop_s:.1f} s"
 
 
 @pytest.mark.slow
