@@ -66,11 +66,11 @@ def release_heap() -> None:
     Ray keeps a worker process for the next task of any kind, and both allocators keep what a
     merge or a sink tile freed (glibc: arrays below its dynamic mmap threshold, up to 32 MB each;
     Arrow's pool: the GeoParquet parts' buffers, which ``malloc_trim`` does not touch: 270 MB of
-    a 542 MB process after three large tables were written and freed), so the chip reads that ran in the same process after it
-    carried that heap: bench_scale's read, merge and sink roles had 100-150 MB more private memory
-    on the large region than on the demo. Called before and after each back-half task (reads run
-    through the whole run, next to the merges), not per chip: memory given back is faulted in
-    again by the next user.
+    a 542 MB process after three large tables were written and freed), so the chip reads that
+    ran in the same process after it carried that heap: bench_scale's read, merge and sink roles
+    had 100-150 MB more private memory on the large region than on the demo. Called before and
+    after each back-half task (reads run through the whole run, next to the merges), not per
+    chip: memory given back is faulted in again by the next user.
     """
     trim = _malloc_trim()
     if trim is not None:
