@@ -85,7 +85,8 @@ class Run:
             _, stderr = self.proc.communicate(timeout=60)
         finally:
             kill_group(self.proc)
-        return self.proc.returncode, stderr, time.monotonic() - t0
+        self.stop_s = time.monotonic() - t0
+        return self.proc.returncode, stderr, self.stop_s
 
     def files(self, pattern: str) -> list[Path]:
         return sorted(self.out.rglob(pattern)) if self.out.exists() else []
@@ -94,7 +95,6 @@ class Run:
 def _stopped(run: Run, sig: signal.Signals) -> str:
     """Stop ``run`` with ``sig`` and check the promise common to every phase; return the stop line."""
     code, stderr, seconds = run.stop(sig)
-    run.stop_s = seconds
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert code == 128 + sig, stderr[-3000:]
     assert seconds < STOP_BOUND_S, f"{seconds:.1f} s"
