@@ -32,10 +32,15 @@ TASK_PROGRAM = FREED_HEAP + textwrap.dedent("""
 """)
 
 
+def _printed_mb(program: str) -> list[float]:
+    """The MB figures ``program`` prints, run in a fresh Python (its own heap and allocators)."""
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    return [float(v) for v in out.split()]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_release_heap_returns_the_freed_heap():
-    out = subprocess.run([sys.executable, "-c", HEAP_PROGRAM], capture_output=True, text=True, check=True).stdout
-    before_mb, after_mb = map(float, out.split())
+    before_mb, after_mb = _printed_mb(HEAP_PROGRAM)
     assert before_mb - after_mb > 300, (before_mb, after_mb)  # 90 freed arrays of 4 MB
 
 
@@ -43,8 +48,7 @@ def test_release_heap_returns_the_freed_heap():
 def test_a_back_half_task_starts_without_the_heap_earlier_work_freed():
     """A merge or sink task in a worker whose chip reads left freed heap starts without it: its
     peak is its own, not the reads' leftovers."""
-    out = subprocess.run([sys.executable, "-c", TASK_PROGRAM], capture_output=True, text=True, check=True).stdout
-    before_mb, in_task_mb = map(float, out.split())
+    before_mb, in_task_mb = _printed_mb(TASK_PROGRAM)
     assert before_mb - in_task_mb > 300, (before_mb, in_task_mb)
 
 
@@ -55,7 +59,7 @@ ARROW_FREED = textwrap.dedent("""
     import pyarrow.parquet as pq
     from raysam.runstats import memory_mb, release_heap
 
-    for _ in range(3):  # GeoParquet-like parts written and read back, as a sink tile's are
+    for _ in range(3):  # GeoParquet-like parts written, as a sink tile's are
         table = pa.table({"area": np.arange(4_000_000, dtype="f8"), "geometry": pa.array([b"x" * 64] * 4_000_000)})
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -71,6 +75,5 @@ ARROW_FREED = textwrap.dedent("""
 def test_release_heap_returns_what_arrows_pool_kept():
     """Arrow's own allocator (mimalloc or jemalloc) keeps freed buffers' pages, which glibc's
     malloc_trim cannot return: a chip read after a sink task carried them."""
-    out = subprocess.run([sys.executable, "-c", ARROW_FREED], capture_output=True, text=True, check=True).stdout
-    before_mb, after_mb = map(float, out.split())
+    before_mb, after_mb = _printed_mb(ARROW_FREED)
     assert before_mb - after_mb > 150, (before_mb, after_mb)
