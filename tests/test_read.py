@@ -601,11 +601,14 @@ def test_cache_size_zero_closes_after_each_read_and_negative_is_refused(tmp_path
 
 
 def _libgdal():
-    """The libgdal this process's rasterio loaded, through ctypes: GDAL's block-cache counters."""
+    """The libgdal this process's rasterio loaded, through ctypes: GDAL's block-cache counters.
+    rasterio's wheel carries its own (``rasterio.libs/``), and a process that has imported
+    geopandas has mapped pyogrio's too, whose cache is another."""
     import ctypes
 
     with open("/proc/self/maps") as maps:
-        path = next(line.split()[-1] for line in maps if "libgdal" in line)
+        paths = [line.split()[-1] for line in maps if "libgdal" in line]
+    path = next((p for p in paths if "/rasterio.libs/" in p), paths[0])
     lib = ctypes.CDLL(path)
     for name in ("GDALGetCacheMax64", "GDALGetCacheUsed64"):
         getattr(lib, name).restype = ctypes.c_int64
