@@ -15,6 +15,19 @@ def _sleep(seconds: float, name: str) -> str:
     return name
 
 
+@ray.remote(num_cpus=0)
+def _span(seconds: float) -> tuple[float, float]:
+    """(start, end) wall clock of a task that sleeps ``seconds`` (same machine as the test)."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def _ran_together(spans: list[tuple[float, float]]) -> bool:
+    """Whether every span was running at one moment (the latest start before the earliest end)."""
+    return max(start for start, _ in spans) < min(end for _, end in spans)
+
+
 def _drain(queue: TaskQueue, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while queue.busy:
@@ -118,22 +131,21 @@ def test_back_half_tasks_leave_a_chip_read_room_beside_the_sam_actor(ray_local):
     sam = _Holder.options(num_cpus=ray_cfg.cpus_per_actor).remote()
     ray.get(sam.ready.remote(), timeout=60)
     queue = TaskQueue(limit, limit_after_chips=ray_cfg.back_half_tasks(2.0, chips_done=True))
-    for k in range(2):
-        queue.submit((0, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(2.0, f"tile{k}"),
-                     lambda _: None)
-    t_tiles = time.monotonic()
+    # Judged by when the tasks ran, not by how long a result took: on a loaded machine a task
+    # worker can take seconds to start, but a task that Ray's accounting held back starts only
+    # after another one ended.
+    tiles: list = []
+    for _ in range(2):
+        queue.submit((0, 0), lambda: _span.options(num_cpus=ray_cfg.sink_cpus).remote(5.0), tiles.append)
     queue.poll(0)
-    read = _sleep.options(num_cpus=ray_cfg.read_cpus).remote(0.0, "read")
-    t0 = time.monotonic()
-    assert ray.get(read, timeout=30) == "read"
-    assert time.monotonic() - t0 < 2.0, "the chip read waited for a back-half task's CPUs"
+    read = ray.get(_span.options(num_cpus=ray_cfg.read_cpus).remote(0.0), timeout=30)
     _drain(queue)
-    assert time.monotonic() - t_tiles < 3.5, "while chips are read, back-half tasks ran one at a time"
+    assert read[0] < min(end for _, end in tiles), "the chip read waited for a back-half task's CPUs"
+    assert _ran_together(tiles), "while chips are read, back-half tasks ran one at a time"
     queue.chips_done()  # no more reads: the last group's back half takes both slots
-    for k in range(2):
-        queue.submit((1, k), lambda k=k: _sleep.options(num_cpus=ray_cfg.sink_cpus).remote(1.5, f"cell{k}"),
-                     lambda _: None)
-    t0 = time.monotonic()
+    cells: list = []
+    for _ in range(2):
+        queue.submit((1, 0), lambda: _span.options(num_cpus=ray_cfg.sink_cpus).remote(3.0), cells.append)
     _drain(queue)
-    assert time.monotonic() - t0 < 2.5, "after the last chip, back-half tasks still ran one at a time"
+    assert _ran_together(cells), "after the last chip, back-half tasks still ran one at a time"
     ray.kill(sam)
