@@ -83,9 +83,14 @@ def start_local_ray(**kwargs) -> None:
     """``ray.init(**kwargs)`` for a test's local instance, tried twice: once in a few hundred
     starts on a loaded 2-core machine, Ray's raylet or GCS does not come up within Ray's fixed
     30 s (each seen in a full suite run, the GCS without writing a single log line; the rows
-    after it passed, and so did the same rows run again)."""
+    after it passed, and so did the same rows run again).
+
+    Always a fresh instance (``address="local"`` unless told): with no address, ``ray.init``
+    joins the cluster a ``ray start`` left on this machine, which another pytest worker's test may
+    be running (and then refuses ``num_cpus``)."""
     import ray
 
+    kwargs.setdefault("address", "local")
     try:
         ray.init(**kwargs)
     except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for one of these
