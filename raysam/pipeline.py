@@ -1,4 +1,4 @@
-"""Ray Data wiring of the front half: chip rows -> chip tasks -> reads -> SAM actors -> checkpoints.
+"""Ray Data wiring of the front half: chip rows -> chip tasks, read -> SAM actors -> checkpoints.
 
 Each stage wraps a plain function that tests also call without Ray
 (:func:`raysam.grid.plan_chip_tasks`, :func:`raysam.read.read_chip`,
@@ -6,7 +6,7 @@ Each stage wraps a plain function that tests also call without Ray
 :func:`raysam.checkpoint.write_shard`). A SAM actor checkpoints every chip's MaskRecords itself
 as soon as the chip is segmented, and reports it to :class:`~raysam.runstats.RunStats`; what leaves
 the pipeline is one tiny row per chip. Dense masks and records never cross an operator. On a
-re-run, the plan stage skips chips whose checkpoint is valid.
+re-run, the read stage skips chips whose checkpoint is valid.
 
 Fault tolerance is set here, deliberately (:func:`configure_retries`): lost workers and nodes
 are retried and SAM actors restarted without limit, transient I/O errors in our code are
@@ -20,7 +20,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -125,18 +125,8 @@ def plan_row(spec: GroupSpec, row: int, resume: bool, stats: Any) -> list:
             todo.append(task)
         else:
             stats.chip_resumed.remote(spec.group.id, records.chip_key(task.chip_id), asdict(outcome))
-    stats.row_planned.remote(spec.group.id, row, len(tasks), process_info("plan"))
+    stats.row_planned.remote(spec.group.id, row, len(tasks), process_info("read"))  # planned by the read task
     return todo
-
-
-def plan_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], resume: Mapping[str, bool]) -> dict:
-    """(date group, chip row) -> that row's chip tasks (:func:`plan_row`), so the driver never holds the chip list."""
-    stats = run_stats()
-    blobs = [pickle.dumps(task) for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True)
-             for task in plan_row(specs[str(gid)], int(row), resume[str(gid)], stats)]
-    out = np.empty(len(blobs), object)
-    out[:] = blobs
-    return {"task": out}
 
 
 @functools.lru_cache(maxsize=16)
@@ -167,26 +157,23 @@ def read_one(task: Any, shard: checkpoint.ShardTarget, scaling: Any, signer: Any
     return result.rgb, result.valid & ~result.cloud
 
 
-def read_stage(batch: dict[str, np.ndarray], shards: Mapping[str, checkpoint.ShardTarget], scaling: dict, signer_cfg: Any,
-               max_cloud_fraction: float, network: Any = None) -> dict:
-    """Chip tasks -> chip pixels (RGB uint8 + bit-packed valid mask), by :func:`read_one`."""
+def read_stage(batch: dict[str, np.ndarray], specs: Mapping[str, GroupSpec], resume: Mapping[str, bool],
+               scaling: dict, signer_cfg: Any, max_cloud_fraction: float, network: Any = None) -> Iterator[dict]:
+    """(date group, chip row) -> that row's chips, one at a time: planned (:func:`plan_row`, so the
+    driver never holds the chip list) and read (:func:`read_one`), each yielded as the task
+    (pickled), its RGB uint8 and its bit-packed valid mask. Chips skipped for cloud or no data
+    yield nothing."""
     stats = run_stats()
     signer = worker_signer(signer_cfg)
-    out: dict[str, list] = {"task": [], "rgb": [], "valid_bits": []}
-    for blob in batch["task"]:
-        task = pickle.loads(blob)
-        pixels = read_one(task, shards[task.date_group_id], _scaling(scaling[task.date_group_id]), signer,
-                          max_cloud_fraction, network, stats)
-        if pixels is None:
-            continue
-        out["task"].append(blob)
-        out["rgb"].append(pixels[0])
-        out["valid_bits"].append(np.packbits(pixels[1]))
-    if not out["task"]:
-        return {"task": np.empty(0, object), "rgb": np.empty((0, 1, 1, 3), np.uint8), "valid_bits": np.empty((0, 1), np.uint8)}
-    tasks = np.empty(len(out["task"]), object)
-    tasks[:] = out["task"]
-    return {"task": tasks, "rgb": np.stack(out["rgb"]), "valid_bits": np.stack(out["valid_bits"])}
+    for gid, row in zip(batch["date_group_id"], batch["chip_row"], strict=True):
+        spec = specs[str(gid)]
+        for task in plan_row(spec, int(row), resume[str(gid)], stats):
+            pixels = read_one(task, spec.shards, _scaling(scaling[spec.group.id]), signer, max_cloud_fraction,
+                              network, stats)
+            if pixels is not None:
+                blob = np.empty(1, object)
+                blob[0] = pickle.dumps(task)
+                yield {"task": blob, "rgb": pixels[0][None], "valid_bits": np.packbits(pixels[1])[None]}
 
 
 def lower_cpu_priority(by: int, this_thread_only: bool = False) -> None:
@@ -293,7 +280,7 @@ def sam_threads(ray_cfg: RayConfig) -> int:
 
 def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, model_source: ModelSource,
                  resume: Mapping[str, bool]) -> ray.data.Dataset:
-    """The lazy chain: chip rows -> chip tasks -> chip reads (CPU tasks) -> SAM (actor pool) -> checkpoints.
+    """The lazy chain: chip rows -> chip tasks, read (CPU tasks) -> SAM (actor pool) -> checkpoints.
 
     Rows are ordered by date group, so groups finish (and publish) one after another.
 
@@ -318,12 +305,11 @@ def chip_dataset(specs: Mapping[str, GroupSpec], cfg: RunConfig, scaling: dict, 
             for r in range(chip_rows(s.group.grid, spatial_overlap=overlap))]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
     shards = {gid: s.shards for gid, s in specs.items()}
-    ds = ds.map_batches(plan_stage, batch_size=1, num_cpus=0.25, fn_kwargs={"specs": specs, "resume": dict(resume)})
     ds = ds.map_batches(
         read_stage,
         batch_size=1,
         num_cpus=cfg.ray.read_cpus,
-        fn_kwargs={"shards": shards, "scaling": scaling, "signer_cfg": signer_spec(cfg.stac),
+        fn_kwargs={"specs": specs, "resume": dict(resume), "scaling": scaling, "signer_cfg": signer_spec(cfg.stac),
                    "max_cloud_fraction": cfg.chip.max_cloud_fraction, "network": cfg.network},
         memory=READ_TASK_MEMORY_BYTES,
         compute=ray.data.TaskPoolStrategy(size=cfg.ray.read_concurrency),

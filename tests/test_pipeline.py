@@ -7,6 +7,7 @@ polygons must recover them, once each, in EPSG:4326 on both sides of the UTM zon
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import geopandas as gpd
@@ -183,13 +184,19 @@ def _read_like(batch: dict) -> dict:
     return {"task": task, "rgb": np.zeros((1, 1024, 1024, 3), np.uint8), "valid_bits": np.zeros((1, 1024 * 128), np.uint8)}
 
 
+def _read_row_like(batch: dict) -> Iterator[dict]:
+    """A chip row of 20 chips as read_stage yields it: one chip at a time."""
+    for _ in range(20):
+        yield _read_like(batch)
+
+
 def test_read_blocks_hold_a_bounded_number_of_chips(ray_local):
-    """Whatever a chip row holds, the read stage's blocks close at READ_BLOCK_CHIPS chips: here 20
-    chips of one row, shaped as read_stage returns them, come out as 8 + 8 + 4."""
+    """Whatever a chip row holds, the read stage's blocks close at READ_BLOCK_CHIPS chips: here a
+    row of 20 chips, yielded as read_stage yields them, comes out as 8 + 8 + 4."""
     from raysam.pipeline import READ_BLOCK_CHIPS, configure_blocks
 
     configure_blocks(ray.data.DataContext.get_current())
-    ds = ray.data.from_items([{"chip": i} for i in range(20)], override_num_blocks=1).map_batches(_read_like, batch_size=1)
+    ds = ray.data.from_items([{"chip_row": 0}]).map_batches(_read_row_like, batch_size=1)
     rows = [meta.num_rows for bundle in ds.iter_internal_ref_bundles() for meta in bundle.metadata]
     assert READ_BLOCK_CHIPS == 8 and rows == [8, 8, 4]
 

@@ -65,7 +65,7 @@ def _pickled_arguments(ds) -> bytes:
             if getattr(op, attr, None):
                 blobs.append(cloudpickle.dumps(getattr(op, attr)))
         op = op.input_dependencies[0] if op.input_dependencies else None
-    assert len(blobs) >= 3, "expected the plan, read and SAM stages' arguments"
+    assert len(blobs) >= 2, "expected the read and SAM stages' arguments"
     return b"".join(blobs)
 
 
