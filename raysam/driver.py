@@ -349,7 +349,7 @@ class ChipStream(threading.Thread):
 
     def run(self) -> None:
         try:
-            for _ in self.dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for _ in self.dataset.iter_internal_ref_bundles():  # the rows stay in the object store
                 pass
         except BaseException as err:  # noqa: BLE001 - handed to the driver loop, which raises it
             self.error = err
@@ -367,7 +367,7 @@ class ChipStream(threading.Thread):
         self.join(self.STOP_WAIT_S)
 
 
-POLL_S = 0.25  # how often the driver looks at progress and task results
+POLL_S = 0.5  # how often the driver looks at progress (and at task results, when none ends sooner)
 
 
 @dataclass(frozen=True)
