@@ -10,12 +10,12 @@ py="${PYTHON:-python3}"
 
 # `pip install ARGS` into the environment of python $1. uv installs the same pins as pip, faster
 # (the dev set with torch and fiboa-cli's venv, bytecode compiled, 2 cores: about 60 s from an empty
-# uv cache in .ci/run, against 150-190 s with pip). uv reads no pip configuration, so pip's indexes and certificate (as environment
-# variables, not arguments), find-links and constraints are handed to it, and it takes the best
-# match over every index, as pip does. It compiles the bytecode at install, as pip does: where
-# PYTHONDONTWRITEBYTECODE is set (CI), every Python and Ray worker process would otherwise compile
-# each module it imports, every time (the suite ran 1.7x slower). pip itself is the fallback where
-# uv cannot be installed.
+# uv cache in .ci/run, against 150-190 s with pip). uv reads no pip configuration, so pip's indexes
+# and certificate (as environment variables, not arguments), find-links and constraints are handed
+# to it, and it takes the best match over every index, as pip does. It compiles the bytecode at
+# install, as pip does: where PYTHONDONTWRITEBYTECODE is set (CI), every Python and Ray worker
+# process would otherwise compile each module it imports, every time (the suite ran 1.7x slower).
+# pip itself is the fallback where uv cannot be installed.
 install() {
   local python="$1"; shift
   if ! [ -x .venv/bin/uv ] && ! .venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
